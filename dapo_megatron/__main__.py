@@ -1,0 +1,3 @@
+from dapo_megatron.cli import main
+
+raise SystemExit(main())

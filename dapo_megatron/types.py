@@ -1,0 +1,97 @@
+"""The data contract between rollout, reward, algorithm and trainer.
+
+Alignment convention (used everywhere a per-token tensor appears):
+    ``tokens[b, t]`` is the t-th token of sequence b (prompt then response, right-padded).
+    Every per-token tensor (``loss_mask``, ``advantages``, ``old_logprobs``, ``rollout_logprobs``)
+    has the same shape ``[B, T]`` and is **target-aligned**: entry ``[b, t]`` describes the token
+    ``tokens[b, t]`` as predicted from ``tokens[b, :t]``. Entry ``[b, 0]`` is never a target and
+    ``loss_mask[b, 0] == 0`` always. Prompt and padding positions have ``loss_mask == 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass
+class Sample:
+    """One response to one prompt.
+
+    ``response_logprobs[i]`` is the engine's log-prob of ``response_ids[i]`` under the sampling
+    distribution (temperature applied), so ``len(response_logprobs) == len(response_ids)``.
+    ``score`` is the rule reward (+1/-1), ``reward`` the shaped reward used for advantages.
+    """
+
+    prompt_ids: List[int]
+    response_ids: List[int]
+    response_logprobs: List[float]
+    finish_reason: str
+    weight_version: int = 0
+    score: float = 0.0
+    acc: bool = False
+    pred: str = ""
+    reward: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"Sample.finish_reason: got {self.finish_reason!r}, allowed {FINISH_REASONS}")
+        if len(self.response_logprobs) != len(self.response_ids):
+            raise ValueError(
+                f"Sample.response_logprobs: {len(self.response_logprobs)} values for "
+                f"{len(self.response_ids)} response tokens"
+            )
+
+    @property
+    def truncated(self) -> bool:
+        """True when generation stopped at the length cap rather than at a stop token."""
+        return self.finish_reason == "length"
+
+
+@dataclass
+class Group:
+    """The G responses to one prompt, scored together (the unit of dynamic sampling)."""
+
+    prompt_index: int
+    ground_truth: str
+    samples: List[Sample] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainBatch:
+    """Padded tensors for the actor. Shapes: all ``[B, T]`` (see the module docstring).
+
+    ``seq_group`` maps each row to its prompt group (``[B]`` long), so sequence-level aggregation
+    and balanced splitting across data-parallel ranks can keep groups intact.
+    """
+
+    tokens: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    seq_group: torch.Tensor
+    old_logprobs: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        shape = self.tokens.shape
+        if self.tokens.dim() != 2:
+            raise ValueError(f"TrainBatch.tokens: expected [B, T], got shape {tuple(shape)}")
+        for name in ("loss_mask", "advantages", "rollout_logprobs", "old_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value.shape != shape:
+                raise ValueError(f"TrainBatch.{name}: shape {tuple(value.shape)} != tokens {tuple(shape)}")
+        if self.seq_group.shape != shape[:1]:
+            raise ValueError(f"TrainBatch.seq_group: shape {tuple(self.seq_group.shape)} != [{shape[0]}]")
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
