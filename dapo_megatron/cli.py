@@ -29,7 +29,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 # name -> (help, add_arguments(parser), handler(args) -> exit code)
 COMMANDS: Dict[str, tuple] = {
-    "config": ("print the resolved config (defaults, then the YAML file, then overrides)", _add_config_args, _cmd_config),
+    "config": ("print the resolved config (defaults, YAML file, then overrides)", _add_config_args, _cmd_config),
 }
 
 

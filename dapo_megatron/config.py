@@ -316,7 +316,8 @@ class OptimConfig:
         _check(self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", "must be >= 0")
         _choice(self.lr_decay_style, "optim.lr_decay_style", ("constant", "linear", "cosine"))
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "optim.adam_beta1/adam_beta2", "must be in [0, 1)")
+        _check(0 <= self.adam_beta1 < 1, "optim.adam_beta1", "must be in [0, 1)")
+        _check(0 <= self.adam_beta2 < 1, "optim.adam_beta2", "must be in [0, 1)")
         _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = off)")
 
 
@@ -452,7 +453,7 @@ class Config:
         _check(
             self.rollout.prompts_per_step % self.train.ppo_mini_batch_size == 0,
             "train.ppo_mini_batch_size",
-            f"must divide rollout.prompts_per_step={self.rollout.prompts_per_step}, got {self.train.ppo_mini_batch_size}",
+            f"{self.train.ppo_mini_batch_size} must divide rollout.prompts_per_step={self.rollout.prompts_per_step}",
         )
         _check(
             self.model.fp8 is None or self.model.params_dtype == "bfloat16",
