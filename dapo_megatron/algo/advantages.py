@@ -23,8 +23,9 @@ def group_advantages(rewards: Tensor, group_index: Tensor, *, norm_by_std: bool 
     are computed in float64 and the result is cast back to ``rewards.dtype``.
     """
     if rewards.dim() != 1 or group_index.shape != rewards.shape:
-        raise ValueError(f"rewards and group_index must both be [N]; got {tuple(rewards.shape)} and "
-                         f"{tuple(group_index.shape)}")
+        raise ValueError(
+            f"rewards and group_index must both be [N]; got {tuple(rewards.shape)} and {tuple(group_index.shape)}"
+        )
     if rewards.numel() == 0:
         return rewards.clone()
     _, inverse = torch.unique(group_index, return_inverse=True)
@@ -47,7 +48,6 @@ def group_advantages(rewards: Tensor, group_index: Tensor, *, norm_by_std: bool 
 def broadcast_to_tokens(adv: Tensor, loss_mask: Tensor) -> Tensor:
     """Per-token advantages ``[N, T]``: ``adv[i]`` on row i where the mask is nonzero, 0 elsewhere."""
     if adv.dim() != 1 or loss_mask.dim() != 2 or loss_mask.shape[0] != adv.shape[0]:
-        raise ValueError(f"expected adv [N] and loss_mask [N, T]; got {tuple(adv.shape)} and "
-                         f"{tuple(loss_mask.shape)}")
+        raise ValueError(f"expected adv [N] and loss_mask [N, T]; got {tuple(adv.shape)} and {tuple(loss_mask.shape)}")
     full = adv[:, None].expand(loss_mask.shape)
     return torch.where(loss_mask != 0, full, torch.zeros_like(full))

@@ -3,14 +3,17 @@
 A group whose responses are all right (or all wrong) has zero advantage everywhere, so it adds no
 gradient and only dilutes the token-mean. DAPO filters on **accuracy**, not on the shaped reward:
 the overlong penalty makes an all-wrong group's shaped rewards differ, and it would wrongly pass.
-
 Per step: ``while acc.begin_round(): submit a round; acc.offer(group, accs)`` for each completed
 group, abort in-flight requests once ``acc.is_full``; then ``batch = acc.take()``.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, List, Sequence
+
+# What a checkpoint holds, as attribute names (saved without the leading underscore).
+_STATE = ("rounds", "generated", "_kept", "_dropped", "surplus", "last_metrics")
 
 
 def group_is_informative(values: Sequence[float]) -> bool:
@@ -23,22 +26,23 @@ class DynamicSamplingExhausted(RuntimeError):
 
 
 class GroupAccumulator:
-    """Collects informative groups for one step; counters and contents are plain, resumable state.
+    """Collects ``target_groups`` informative groups for one step, as plain resumable state.
 
-    Groups are opaque objects (e.g. :class:`dapo_megatron.types.Group`); they must be picklable for
-    :meth:`state_dict` to be saved. ``target_groups`` is the number of groups a step needs.
-    ``max_num_gen_batches`` bounds the generation rounds per step (0 = unlimited). When the bound is
-    hit while not full, ``on_exhausted="error"`` raises :class:`DynamicSamplingExhausted` and
-    ``"pad"`` lets :meth:`take` fill the batch with dropped zero-variance groups. With
-    ``enabled=False`` every offered group is kept (plain GRPO batching).
-    """
+    Groups are opaque objects (e.g. :class:`dapo_megatron.types.Group`), picklable so that
+    :meth:`state_dict` can be saved. ``max_num_gen_batches`` bounds the generation rounds per step
+    (0 = unlimited); hitting it while not full raises :class:`DynamicSamplingExhausted` with
+    ``on_exhausted="error"``, while ``"pad"`` lets :meth:`take` fill up with dropped zero-variance
+    groups. With ``enabled=False`` every offered group is kept (plain GRPO batching)."""
 
-    def __init__(self, target_groups: int, max_num_gen_batches: int = 0, on_exhausted: str = "error",
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, target_groups: int, max_num_gen_batches: int = 0, on_exhausted: str = "error", enabled: bool = True
+    ) -> None:
         if target_groups < 1 or max_num_gen_batches < 0 or on_exhausted not in ("error", "pad"):
-            raise ValueError(f"GroupAccumulator: need target_groups >= 1, max_num_gen_batches >= 0 and "
-                             f"on_exhausted in ('error', 'pad'); got {target_groups}, {max_num_gen_batches}, "
-                             f"{on_exhausted!r}")
+            raise ValueError(
+                f"GroupAccumulator: need target_groups >= 1, max_num_gen_batches >= 0 and "
+                f"on_exhausted in ('error', 'pad'); got {target_groups}, {max_num_gen_batches}, "
+                f"{on_exhausted!r}"
+            )
         self.target_groups = target_groups
         self.max_num_gen_batches = max_num_gen_batches
         self.on_exhausted = on_exhausted
@@ -87,11 +91,9 @@ class GroupAccumulator:
     def begin_round(self) -> bool:
         """Count a new generation round: True means generate, False means stop and call :meth:`take`
         (already full, or out of rounds with on_exhausted="pad"). Out of rounds with "error": raise."""
-        if self.is_full:
-            return False
-        if self.exhausted:
-            if self.on_exhausted == "error":
-                raise self._error()
+        if not self.is_full and self.exhausted and self.on_exhausted == "error":
+            raise self._error()
+        if self.is_full or self.exhausted:
             return False
         self.rounds += 1
         return True
@@ -118,12 +120,12 @@ class GroupAccumulator:
         elif self.needs_padding:
             missing = self.target_groups - self.kept
             if len(self._dropped) < missing:
-                raise self._error(f" Padding needs {missing} zero-variance groups but only "
-                                  f"{len(self._dropped)} were generated.")
+                raise self._error(
+                    f" Padding needs {missing} zero-variance groups but only {len(self._dropped)} were generated."
+                )
             batch, self.surplus = self._kept + self._dropped[:missing], []
         else:
-            raise RuntimeError(f"take() before the batch is full ({self.kept}/{self.target_groups} groups) "
-                               "and without padding; keep generating (begin_round/offer) first")
+            raise RuntimeError(f"take() before the batch is full ({self.kept}/{self.target_groups}); generate more")
         padded = max(0, self.target_groups - self.kept)
         self.last_metrics = {**self.metrics(), "ds/padded_groups": float(padded)}
         self._reset()
@@ -131,17 +133,18 @@ class GroupAccumulator:
 
     def metrics(self) -> Dict[str, float]:
         """Counters of the step in progress (after :meth:`take`, read :attr:`last_metrics`)."""
-        return {"ds/generated_groups": float(self.generated), "ds/kept_groups": float(self.kept),
-                "ds/kept_ratio": self.kept_ratio, "ds/rounds": float(self.rounds)}
+        return {
+            "ds/generated_groups": float(self.generated),
+            "ds/kept_groups": float(self.kept),
+            "ds/kept_ratio": self.kept_ratio,
+            "ds/rounds": float(self.rounds),
+        }
 
     def state_dict(self) -> Dict[str, Any]:
-        """Plain-python state (ints and the group lists as given); pickle it with the checkpoint."""
-        return {"rounds": self.rounds, "generated": self.generated, "kept_groups": list(self._kept),
-                "dropped_groups": list(self._dropped), "surplus": list(self.surplus),
-                "last_metrics": dict(self.last_metrics)}
+        """Plain-python state: counters, and shallow copies of the group lists as given (pickle it)."""
+        return {key.lstrip("_"): copy.copy(getattr(self, key)) for key in _STATE}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the settings (target, bound, mode) stay the constructor's."""
-        self.rounds, self.generated = int(state["rounds"]), int(state["generated"])
-        self._kept, self._dropped = list(state["kept_groups"]), list(state["dropped_groups"])
-        self.surplus, self.last_metrics = list(state["surplus"]), dict(state["last_metrics"])
+        for key in _STATE:
+            setattr(self, key, copy.copy(state[key.lstrip("_")]))

@@ -38,4 +38,6 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+    # A -inf logit (a masked-out token) has probability 0 and contributes 0, not 0 * -inf = nan.
+    weighted = torch.where(probs > 0, probs * logits, torch.zeros_like(logits))
+    return torch.logsumexp(logits, dim=-1) - weighted.sum(dim=-1)
