@@ -2,6 +2,9 @@
 
     cfg = load_config("examples/demo.yaml", ["algo.clip_ratio_high=0.3", "rollout.temperature=0.8"])
 
+String values may name environment variables as ``${NAME}`` (cluster recipes point at
+``${MODELS}``, ``${DATA}``); an unset variable is an error naming the key.
+
 Every key is checked against the dataclass tree: an unknown key or a value of the wrong type raises
 :class:`ConfigError` naming the dotted key and the expected type. Range checks then run in each
 section's ``__post_init__``.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import typing
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -80,10 +84,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _coerce(inner[0], value, key)
     if tp is tuple or origin is tuple:
         if isinstance(value, str):
-            return (value,)
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(value)
+        return tuple(_expand_env(v, key) if isinstance(v, str) else v for v in value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -99,8 +103,23 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+        return _expand_env(value, key)
     raise ConfigError(f"{key}: unsupported config type {tp!r}")  # a bug in the tree, not user input
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(text: str, key: str) -> str:
+    """Replace each ``${NAME}`` with the environment's value; an unset NAME is an error."""
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{key}: environment variable {name} is not set (used as ${{{name}}} in {text!r})")
+        return os.environ[name]
+
+    return _ENV_REF.sub(sub, text)
 
 
 def to_dict(cfg: Any) -> dict:

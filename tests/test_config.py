@@ -171,3 +171,24 @@ def test_cli_config_bad_key_exits_2_with_a_clear_message():
     assert "algo.bogus: unknown key" in out.stderr
     assert "known keys are" in out.stderr and "clip_ratio_high" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_env_references_expand_and_unset_ones_name_the_key(monkeypatch):
+    monkeypatch.setenv("DAPO_TEST_MODELS", "/models")
+    cfg = load_config(None, ["model.hf_path=${DAPO_TEST_MODELS}/Qwen", "data.train_files=[${DAPO_TEST_MODELS}/a]"])
+    assert cfg.model.hf_path == "/models/Qwen" and cfg.data.train_files == ("/models/a",)
+    monkeypatch.delenv("DAPO_TEST_MODELS")
+    with pytest.raises(ConfigError, match=r"model.hf_path: environment variable DAPO_TEST_MODELS is not set"):
+        load_config(None, ["model.hf_path=${DAPO_TEST_MODELS}/Qwen"])
+
+
+@pytest.mark.parametrize("recipe", ["dapo_qwen2.5_7b.yaml", "dapo_qwen2.5_32b.yaml"])
+def test_paper_recipes_resolve_with_the_paper_hyper_parameters(monkeypatch, recipe):
+    for name in ("MODELS", "CKPT", "DATA"):
+        monkeypatch.setenv(name, f"/{name.lower()}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "examples", recipe))
+    assert (cfg.algo.clip_ratio_low, cfg.algo.clip_ratio_high, cfg.algo.loss_agg_mode) == (0.2, 0.28, "token-mean")
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.n_samples_per_prompt) == (512, 16)
+    assert cfg.rollout.max_response_len == 20480 and cfg.algo.overlong_buffer.len == 4096
+    assert cfg.optim.lr == 1e-6 and cfg.rollout.prompts_per_step // cfg.train.ppo_mini_batch_size == 16
