@@ -53,7 +53,10 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = nxt
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.problem}); quote it") from None
 
 
 def from_dict(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:

@@ -175,11 +175,13 @@ def test_cli_config_bad_key_exits_2_with_a_clear_message():
 
 def test_env_references_expand_and_unset_ones_name_the_key(monkeypatch):
     monkeypatch.setenv("DAPO_TEST_MODELS", "/models")
-    cfg = load_config(None, ["model.hf_path=${DAPO_TEST_MODELS}/Qwen", "data.train_files=[${DAPO_TEST_MODELS}/a]"])
+    cfg = load_config(None, ["model.hf_path=${DAPO_TEST_MODELS}/Qwen", "data.train_files=['${DAPO_TEST_MODELS}/a']"])
     assert cfg.model.hf_path == "/models/Qwen" and cfg.data.train_files == ("/models/a",)
     monkeypatch.delenv("DAPO_TEST_MODELS")
     with pytest.raises(ConfigError, match=r"model.hf_path: environment variable DAPO_TEST_MODELS is not set"):
         load_config(None, ["model.hf_path=${DAPO_TEST_MODELS}/Qwen"])
+    with pytest.raises(ConfigError, match=r"override 'data.train_files=\[\$\{X\}\]': the value is not valid YAML"):
+        load_config(None, ["data.train_files=[${X}]"])
 
 
 @pytest.mark.parametrize("recipe", ["dapo_qwen2.5_7b.yaml", "dapo_qwen2.5_32b.yaml"])
