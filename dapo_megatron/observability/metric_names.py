@@ -1,0 +1,77 @@
+"""The metric keys the training loop emits and the plots read: one spelling, shared by both.
+
+Keys are ``section/name``. Times are seconds (suffix ``_s``), ratios are in [0, 1], lengths are in
+tokens. The loop should log through these constants, never through string literals, so a renamed
+metric breaks loudly in one place instead of silently vanishing from a chart.
+"""
+
+from __future__ import annotations
+
+# Rewards (per step, over every response of the step's training batch).
+REWARD_MEAN = "reward/mean"  # mean shaped sequence reward
+REWARD_ACC = "reward/acc"  # fraction of responses judged correct
+
+# Actor update (averaged over the step's optimizer updates).
+ACTOR_ENTROPY = "actor/entropy"  # mean per-token entropy of the policy on response tokens (nats)
+ACTOR_CLIP_FRAC_HIGH = "actor/clip_frac_high"  # tokens with A > 0 clipped at 1 + eps_high
+ACTOR_CLIP_FRAC_LOW = "actor/clip_frac_low"  # tokens with A < 0 clipped at 1 - eps_low
+ACTOR_APPROX_KL = "actor/approx_kl"  # mean (old_logp - logp) over response tokens
+ACTOR_GRAD_NORM = "actor/grad_norm"  # global gradient norm before clipping
+
+# Responses.
+RESPONSE_LEN_MEAN = "response/len_mean"  # tokens
+RESPONSE_LEN_MAX = "response/len_max"  # tokens
+RESPONSE_TRUNCATION_RATE = "response/truncation_rate"  # fraction that hit max_response_len
+
+# Dynamic sampling.
+DS_KEPT_RATIO = "ds/kept_ratio"  # kept groups / generated groups over the step's rounds
+DS_ROUNDS = "ds/rounds"  # generation rounds the step needed
+
+# Evaluation (logged only on evaluation steps).
+EVAL_ACC = "eval/acc"
+
+# Phase times, as produced by PhaseTimer.metrics().
+PHASES = ("generate", "reward", "logprob", "train", "sync")
+
+
+def time_key(phase: str) -> str:
+    """Metric key of a phase's wall time: ``time/<phase>_s``."""
+    return f"time/{phase}_s"
+
+
+TIME_GENERATE = time_key("generate")
+TIME_REWARD = time_key("reward")
+TIME_LOGPROB = time_key("logprob")
+TIME_TRAIN = time_key("train")
+TIME_SYNC = time_key("sync")
+TIME_KEYS = tuple(time_key(p) for p in PHASES)
+
+ALL_KEYS = (
+    REWARD_MEAN,
+    REWARD_ACC,
+    ACTOR_ENTROPY,
+    RESPONSE_LEN_MEAN,
+    RESPONSE_LEN_MAX,
+    RESPONSE_TRUNCATION_RATE,
+    DS_KEPT_RATIO,
+    DS_ROUNDS,
+    ACTOR_CLIP_FRAC_HIGH,
+    ACTOR_CLIP_FRAC_LOW,
+    ACTOR_APPROX_KL,
+    ACTOR_GRAD_NORM,
+    *TIME_KEYS,
+    EVAL_ACC,
+)
+
+# What the one-line console summary shows, in this order, when present.
+CONSOLE_KEYS = (
+    REWARD_ACC,
+    REWARD_MEAN,
+    ACTOR_ENTROPY,
+    RESPONSE_LEN_MEAN,
+    DS_KEPT_RATIO,
+    ACTOR_CLIP_FRAC_HIGH,
+    ACTOR_GRAD_NORM,
+    EVAL_ACC,
+    *TIME_KEYS,
+)
