@@ -395,6 +395,28 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation sampling (DAPO's AIME protocol: temperature 1.0, top-p 0.7, 20480 tokens).
+
+    Fields:
+        temperature / top_p: sampling of evaluation responses.
+        n_samples: responses per evaluation row (k of avg@k on top of any repeated rows).
+        max_response_len: generation cap during evaluation.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 0.7
+    n_samples: int = 1
+    max_response_len: int = 20480
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+        _check(self.n_samples >= 1, "eval.n_samples", "must be >= 1")
+        _check(self.max_response_len >= 1, "eval.max_response_len", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Run directory, checkpoints, evaluation and logging.
 
@@ -441,6 +463,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
