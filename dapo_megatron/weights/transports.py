@@ -1,0 +1,236 @@
+"""Moving HF-named weight buckets from the trainer to a rollout engine, with a weight version.
+
+One sender interface (:class:`WeightSender`: ``send_bucket(named_tensors, version)``), three
+transports:
+
+* :class:`InProcessTransport` - the engine lives in this process (embedded HF engine, in-process
+  vLLM): call its loader directly.
+* :class:`BroadcastSender` / :class:`BroadcastReceiver` - ``torch.distributed`` broadcast over a
+  standalone group made by :func:`create_update_group` (the SGLang ``/init_weights_update_group`` +
+  ``/update_weights_from_distributed`` pattern; trainer rank 0 is group rank 0, the engine ranks
+  follow). ``send``/``recv`` move bare tensors, the metadata travelling out of band (HTTP);
+  ``send_bucket``/``recv_bucket`` also broadcast a small header with the version and metadata.
+* :class:`CudaIpcSender` / :class:`CudaIpcReceiver` - colocated engine on the same GPU: the bucket
+  is flattened into one GPU buffer per dtype and shared by CUDA IPC handle; no copy through host.
+
+A bucket's tensors arrive in the order they were sent. :func:`tensor_checksum` lets the engine
+check what it received against what the trainer sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Protocol, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+NamedTensors = Sequence[Tuple[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a receiver must know to allocate a tensor: HF name, dtype (``"bfloat16"``), shape."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype name {name!r}")
+    return dtype
+
+
+def metas_of(named_tensors: Iterable[Tuple[str, Tensor]]) -> List[TensorMeta]:
+    return [TensorMeta(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named_tensors]
+
+
+def tensor_checksum(named_tensors: Iterable[Tuple[str, Tensor]]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes, in the given order (hex digest)."""
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        h.update(json.dumps([name, dtype_name(t.dtype), list(t.shape)]).encode())
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+class WeightSender(Protocol):
+    def send_bucket(self, named_tensors: NamedTensors, version: int) -> None:
+        """Deliver one bucket labelled with the policy ``version`` it belongs to."""
+
+
+# ----------------------------------------------------------------------------- in-process
+class InProcessTransport:
+    """Calls ``load_fn(named_tensors, version)`` directly (no copy beyond what the loader does)."""
+
+    def __init__(self, load_fn: Callable[[NamedTensors, int], Any]):
+        self.load_fn = load_fn
+
+    def send_bucket(self, named_tensors: NamedTensors, version: int) -> None:
+        self.load_fn(list(named_tensors), int(version))
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+def create_update_group(
+    *, master_address: str, master_port: int, world_size: int, rank: int, backend: str = "gloo", timeout_s: float = 300
+):
+    """A process group of its own (own TCPStore rendezvous), separate from the default group.
+
+    The trainer already owns the default group, so this one is built from the backend class with
+    a private store rather than ``init_process_group``. Rank 0 hosts the store and is the sender.
+    Returns the backend object (``ProcessGroupGloo``/``ProcessGroupNCCL``); use its own collective
+    methods (``broadcast(tensor, root)``), not ``torch.distributed.broadcast(group=...)``, because
+    it is not registered with the default world.
+    """
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    store = dist.PrefixStore("dapo_weights_update", store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        if not hasattr(dist, "ProcessGroupNCCL"):
+            raise RuntimeError("backend='nccl' needs a CUDA build of torch with NCCL")
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+
+
+def _header_tensor(metas: List[TensorMeta], version: int) -> Tensor:
+    payload = json.dumps({"version": int(version), "metas": [[m.name, m.dtype, list(m.shape)] for m in metas]})
+    return torch.frombuffer(bytearray(payload.encode()), dtype=torch.uint8)
+
+
+class BroadcastSender:
+    """Group rank 0 broadcasts each tensor in order. ``device``: where tensors go before the
+    broadcast (``cuda`` for NCCL)."""
+
+    def __init__(self, group, device: str = "cpu"):
+        self.group, self.device = group, device
+
+    def _bcast(self, t: Tensor) -> None:
+        self.group.broadcast(t, 0).wait()
+
+    def send(self, named_tensors: NamedTensors) -> None:
+        for _, t in named_tensors:
+            self._bcast(t.detach().to(self.device).contiguous())
+
+    def send_bucket(self, named_tensors: NamedTensors, version: int) -> None:
+        """Header (length, then JSON with version and metas), then the tensors."""
+        header = _header_tensor(metas_of(named_tensors), version).to(self.device)
+        self._bcast(torch.tensor([header.numel()], dtype=torch.int64, device=self.device))
+        self._bcast(header)
+        self.send(named_tensors)
+
+
+class BroadcastReceiver:
+    """A non-zero rank of the update group: receives what :class:`BroadcastSender` sends."""
+
+    def __init__(self, group, device: str = "cpu"):
+        self.group, self.device = group, device
+
+    def recv(self, metas: Sequence[TensorMeta]) -> List[Tuple[str, Tensor]]:
+        out = []
+        for m in metas:
+            t = torch.empty(m.shape, dtype=dtype_of(m.dtype), device=self.device)
+            self.group.broadcast(t, 0).wait()
+            out.append((m.name, t))
+        return out
+
+    def recv_bucket(self) -> Tuple[List[Tuple[str, Tensor]], int]:
+        """One bucket sent by :meth:`BroadcastSender.send_bucket`: ``(named_tensors, version)``."""
+        n = torch.empty(1, dtype=torch.int64, device=self.device)
+        self.group.broadcast(n, 0).wait()
+        header = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+        self.group.broadcast(header, 0).wait()
+        info = json.loads(bytes(header.cpu().numpy()).decode())
+        metas = [TensorMeta(name, dtype, tuple(shape)) for name, dtype, shape in info["metas"]]
+        return self.recv(metas), int(info["version"])
+
+
+# ----------------------------------------------------------------------------- CUDA IPC
+def _require_cuda(what: str) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{what} needs CUDA (a GPU shared with the engine); no CUDA device is visible")
+
+
+class CudaIpcSender:
+    """Shares each bucket as flat GPU buffers (one per dtype) by CUDA IPC handle.
+
+    ``deliver(payload: bytes, version)`` hands the pickled handles to the consumer (e.g. an HTTP
+    call to the colocated engine) and must return only after the consumer has finished copying.
+
+    Ordering hazard: the consumer maps *this process's* memory. The buffer must stay alive and
+    unmodified until ``deliver`` returns; freeing or reusing it earlier lets the caching allocator
+    hand the block to another tensor while the engine is still reading it, and the engine then
+    silently loads garbage. :meth:`send_bucket` therefore drops its buffers only after ``deliver``.
+    """
+
+    def __init__(self, deliver: Callable[[bytes, int], Any], device: Any = None):
+        _require_cuda("CudaIpcSender")
+        self.deliver = deliver
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+
+    def pack(self, named_tensors: NamedTensors) -> Tuple[Dict[str, Tensor], List[Tuple[str, str, Tuple, int]]]:
+        """Flatten into ``{dtype: 1-D buffer}`` plus ``[(name, dtype, shape, offset)]`` (elements)."""
+        by_dtype: Dict[str, List[Tuple[str, Tensor]]] = {}
+        for name, t in named_tensors:
+            by_dtype.setdefault(dtype_name(t.dtype), []).append((name, t))
+        buffers, layout = {}, []
+        for dt, items in by_dtype.items():
+            total = sum(t.numel() for _, t in items)
+            buf = torch.empty(total, dtype=dtype_of(dt), device=self.device)
+            offset = 0
+            for name, t in items:
+                buf[offset : offset + t.numel()].copy_(t.reshape(-1), non_blocking=True)
+                layout.append((name, dt, tuple(t.shape), offset))
+                offset += t.numel()
+            buffers[dt] = buf
+        torch.cuda.current_stream(self.device).synchronize()  # copies done before the peer reads
+        return buffers, layout
+
+    def send_bucket(self, named_tensors: NamedTensors, version: int) -> None:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        buffers, layout = self.pack(named_tensors)
+        handles = {dt: reduce_tensor(buf) for dt, buf in buffers.items()}
+        payload = pickle.dumps({"version": int(version), "handles": handles, "layout": layout})
+        self.deliver(payload, int(version))
+        del handles, buffers  # only now may the allocator reuse the memory (see the class docstring)
+
+
+class CudaIpcReceiver:
+    """Consumer side: opens the handles, copies every tensor out into memory of its own."""
+
+    def __init__(self, device: Any = None):
+        _require_cuda("CudaIpcReceiver")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+
+    def load(self, payload: bytes) -> Tuple[List[Tuple[str, Tensor]], int]:
+        """``(named_tensors, version)``; the returned tensors are copies, so the sender may free
+        its buffers as soon as this returns (after the stream is synchronised here)."""
+        info = pickle.loads(payload)
+        shared = {dt: fn(*args) for dt, (fn, args) in info["handles"].items()}
+        out = []
+        for name, dt, shape, offset in info["layout"]:
+            n = 1
+            for s in shape:
+                n *= s
+            out.append((name, shared[dt][offset : offset + n].view(shape).to(self.device, copy=True)))
+        torch.cuda.current_stream(self.device).synchronize()
+        del shared
+        return out, int(info["version"])
