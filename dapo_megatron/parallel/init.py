@@ -1,0 +1,244 @@
+"""Process-group start-up: rank and rendezvous from the launcher, then megatron's parallel state.
+
+Order of use on every trainer rank::
+
+    env = init_distributed()                       # torch.distributed (gloo on CPU, nccl on CUDA)
+    init_model_parallel(topology, seed=cfg.model.seed)
+    ...
+    shutdown()
+
+The launcher is read from the environment once, by the pure :func:`dist_env_from_environ`:
+torchrun's variables win, then SLURM's (``srun``), else a single local process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from dapo_megatron.parallel.topology import Topology
+
+__all__ = [
+    "DEFAULT_MASTER_PORT",
+    "DistEnv",
+    "dist_env_from_environ",
+    "first_host_of_nodelist",
+    "init_distributed",
+    "init_model_parallel",
+    "shutdown",
+]
+
+DEFAULT_MASTER_PORT = 29500
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the trainer world and how to reach rank 0.
+
+    Fields:
+        rank: global rank, ``0 <= rank < world_size``.
+        world_size: number of trainer processes.
+        local_rank: rank on this node (selects the GPU).
+        master_addr: host of the rendezvous (rank 0's node).
+        master_port: TCP port of the rendezvous.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"DistEnv.world_size must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"DistEnv.rank={self.rank} is outside [0, world_size={self.world_size})")
+        if self.local_rank < 0:
+            raise ValueError(f"DistEnv.local_rank must be >= 0, got {self.local_rank}")
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"DistEnv.master_port={self.master_port} is not a TCP port")
+        if not self.master_addr:
+            raise ValueError("DistEnv.master_addr is empty")
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+
+
+def first_host_of_nodelist(nodelist: str) -> str:
+    """First host of a SLURM (possibly compressed) node list.
+
+    ``"node[01-03,07],gpu5"`` -> ``"node01"``; ``"gpu5,node1"`` -> ``"gpu5"``;
+    ``"rack[2-3]-n[04-05]"`` -> ``"rack2-n04"``. Zero padding of a range's start is kept.
+    """
+    text = nodelist.strip()
+    if not text:
+        raise ValueError("SLURM_JOB_NODELIST is empty")
+    # The first host ends at the first comma outside brackets.
+    depth = 0
+    end = len(text)
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"malformed SLURM node list {nodelist!r}: unbalanced ']'")
+        elif ch == "," and depth == 0:
+            end = i
+            break
+    if depth > 0 and end == len(text):
+        raise ValueError(f"malformed SLURM node list {nodelist!r}: unbalanced '['")
+    first = text[:end]
+
+    def expand_first(match: re.Match[str]) -> str:
+        body = match.group(1)
+        item = body.split(",", 1)[0].strip()
+        start = item.split("-", 1)[0].strip()
+        if not start.isdigit():
+            raise ValueError(f"malformed SLURM node list {nodelist!r}: range item {item!r}")
+        return start
+
+    host = re.sub(r"\[([^\[\]]*)\]", expand_first, first)
+    if not host or "[" in host or "]" in host:
+        raise ValueError(f"malformed SLURM node list {nodelist!r}")
+    return host
+
+
+def dist_env_from_environ(environ: Mapping[str, str]) -> DistEnv:
+    """Read rank, world size and rendezvous from launcher variables (pure).
+
+    - torchrun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (all
+      five; ``LOCAL_RANK`` defaults to ``RANK`` when absent).
+    - SLURM: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, and the first host of
+      ``SLURM_JOB_NODELIST`` as the rendezvous; ``MASTER_ADDR`` / ``MASTER_PORT`` override when
+      set, and the port defaults to :data:`DEFAULT_MASTER_PORT`.
+    - Neither: one process, rank 0 of 1 on ``127.0.0.1`` (``MASTER_PORT`` or the default port).
+
+    Raises ``ValueError`` naming the missing variables when only part of a launcher's set is there.
+    """
+    torchrun_present = [v for v in ("RANK", "WORLD_SIZE") if v in environ]
+    if torchrun_present:
+        needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        missing = [v for v in needed if v not in environ]
+        if missing:
+            raise ValueError(
+                f"partial torchrun environment: {', '.join(torchrun_present)} set but "
+                f"{', '.join(missing)} missing (torchrun sets {', '.join(_TORCHRUN_VARS)})"
+            )
+        rank = _int_var(environ, "RANK")
+        local_rank = _int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+        return DistEnv(
+            rank=rank,
+            world_size=_int_var(environ, "WORLD_SIZE"),
+            local_rank=local_rank,
+            master_addr=environ["MASTER_ADDR"],
+            master_port=_int_var(environ, "MASTER_PORT"),
+        )
+
+    slurm_present = [v for v in _SLURM_VARS if v in environ]
+    if slurm_present:
+        missing = [v for v in _SLURM_VARS if v not in environ]
+        if missing:
+            raise ValueError(
+                f"partial SLURM environment: {', '.join(slurm_present)} set but {', '.join(missing)} missing "
+                "(run the trainer under srun, or use torchrun)"
+            )
+        addr = environ.get("MASTER_ADDR") or first_host_of_nodelist(environ["SLURM_JOB_NODELIST"])
+        port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else DEFAULT_MASTER_PORT
+        return DistEnv(
+            rank=_int_var(environ, "SLURM_PROCID"),
+            world_size=_int_var(environ, "SLURM_NTASKS"),
+            local_rank=_int_var(environ, "SLURM_LOCALID"),
+            master_addr=addr,
+            master_port=port,
+        )
+
+    port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else DEFAULT_MASTER_PORT
+    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=port)
+
+
+def init_distributed(env: DistEnv | None = None, *, backend: str | None = None, timeout_s: float = 600) -> DistEnv:
+    """Create the default process group and return where this rank sits.
+
+    ``env`` defaults to :func:`dist_env_from_environ` of ``os.environ``. ``backend`` defaults to
+    ``nccl`` with CUDA and ``gloo`` without. On CUDA the device is set from ``local_rank`` first;
+    on CPU the megatron compatibility layer is applied (see ``parallel/cpu_compat.py``).
+    """
+    import torch.distributed as dist
+
+    if env is None:
+        env = dist_env_from_environ(os.environ)
+    if dist.is_initialized():
+        raise RuntimeError("init_distributed: the default process group already exists (call shutdown() first)")
+    cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if cuda:
+        if env.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local_rank={env.local_rank} but only {torch.cuda.device_count()} CUDA devices are visible"
+            )
+        torch.cuda.set_device(env.local_rank)
+    else:
+        from dapo_megatron.parallel.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{_url_host(env.master_addr)}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return env
+
+
+def _url_host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+def init_model_parallel(topology: Topology, *, seed: int) -> None:
+    """Build megatron's TP/PP/CP/EP/DP groups for ``topology`` and seed the model-parallel RNGs.
+
+    Needs :func:`init_distributed` first; the process group's size must equal
+    ``topology.world_size``.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not dist.is_initialized():
+        raise RuntimeError("init_model_parallel: call init_distributed() first")
+    if dist.get_world_size() != topology.world_size:
+        raise ValueError(
+            f"topology world_size={topology.world_size} but the process group has {dist.get_world_size()} ranks"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=topology.tp,
+        pipeline_model_parallel_size=topology.pp,
+        virtual_pipeline_model_parallel_size=topology.vpp if topology.vpp > 1 else None,
+        context_parallel_size=topology.cp,
+        expert_model_parallel_size=topology.ep,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Destroy megatron's parallel state and the default process group (safe to call twice)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
