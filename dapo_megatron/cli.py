@@ -1,6 +1,8 @@
 """The ``dapo-megatron`` command line.
 
     dapo-megatron config [--config X.yaml] [section.key=value ...]   print the resolved config
+    dapo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR] [--labels A B]  charts from metrics.jsonl
+    dapo-megatron plan [--config X.yaml] [--engine-nodes N] [--gpus-per-node G]  placement dry-run
 
 Each subcommand imports what it needs inside its handler, so ``--help`` and ``config`` stay fast
 and never load megatron or an engine.
@@ -9,6 +11,7 @@ and never load megatron or an engine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -27,9 +30,63 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (or metrics.jsonl files) to overlay")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots of the first run)")
+    p.add_argument("--labels", nargs="+", default=None, help="legend names, one per run (default: folder names)")
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from dapo_megatron.observability.plot import plot_run
+
+    out = args.out or os.path.join(args.run_dirs[0], "plots")
+    written = plot_run(args.run_dirs, out, labels=args.labels)
+    if not written:
+        print(f"dapo-megatron plot: no metrics to chart in {', '.join(args.run_dirs)}", file=sys.stderr)
+        return 1
+    print("\n".join(written))
+    return 0
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument(
+        "--engine-nodes",
+        type=int,
+        default=None,
+        help="disaggregated mode: nodes serving engines (the last N of the allocation)",
+    )
+    p.add_argument("--gpus-per-node", type=int, default=None, help="override GPUs per node (else from SLURM)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON to PATH")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dapo_megatron.config_io import load_config
+    from dapo_megatron.controller.placement import PlacementError, format_placement, plan_placement, save_placement
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        plan = plan_placement(
+            os.environ, cfg.rollout, cfg.parallel, gpus_per_node=args.gpus_per_node, engine_nodes=args.engine_nodes
+        )
+    except PlacementError as e:
+        print(f"dapo-megatron plan: {e}", file=sys.stderr)
+        return 2
+    print(format_placement(plan))
+    if args.json:
+        save_placement(plan, args.json)
+    return 0
+
+
 # name -> (help, add_arguments(parser), handler(args) -> exit code)
 COMMANDS: Dict[str, tuple] = {
     "config": ("print the resolved config (defaults, YAML file, then overrides)", _add_config_args, _cmd_config),
+    "plot": ("chart one or several runs from their metrics.jsonl", _add_plot_args, _cmd_plot),
+    "plan": (
+        "print where trainer ranks and engines go (dry run, from the SLURM/torchrun environment)",
+        _add_plan_args,
+        _cmd_plan,
+    ),
 }
 
 
