@@ -37,7 +37,7 @@ if [ -n "$DAPO_NET_IFNAME" ]; then
 fi
 
 # Rendezvous: the first host of the allocation, as the trainer's own init also derives it.
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+MASTER_ADDR=${MASTER_ADDR:-$(timeout 60 scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT
 
