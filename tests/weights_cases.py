@@ -32,9 +32,7 @@ def tiny_hf_config(model_type: str, heads: int, kv_heads: int, tied: bool, vocab
     )  # fmt: skip
     if model_type == "qwen3":
         kwargs["head_dim"] = 16
-    cfg = cls(**kwargs)
-    cfg.torch_dtype = torch.float32
-    return cfg
+    return cls(**kwargs, dtype="float32")
 
 
 def make_tiny_hf_model(folder: str, case: str, seed: int = 0, layers: int = 4) -> Dict[str, torch.Tensor]:
@@ -141,3 +139,118 @@ def sample_weights() -> List[Tuple[str, torch.Tensor]]:
         ("model.norm.weight", torch.randn(8, generator=g).half()),
         ("step", torch.tensor([3], dtype=torch.int64)),
     ]
+
+
+# ----------------------------------------------------------------------------- megatron layouts
+def _init_layout(world_size: int, tp: int, pp: int, vpp: int = 1):
+    from dapo_megatron.parallel.init import init_model_parallel
+    from dapo_megatron.parallel.topology import Topology
+
+    topology = Topology(world_size, tp=tp, pp=pp, vpp=vpp)
+    init_model_parallel(topology, seed=1234)
+    return topology
+
+
+def _build(spec, topology):
+    from dapo_megatron.config import ModelConfig
+    from dapo_megatron.megatron.model import build_model_chunks
+
+    return build_model_chunks(spec, topology, ModelConfig(params_dtype="float32", transformer_impl="local"))
+
+
+def load_model_part(chunks, ckpt: str) -> None:
+    """What ``checkpoint.load_checkpoint`` does for the weights: one sharded state dict per chunk
+    (``model<i>``), ``dist_checkpointing.load``, ``load_state_dict``."""
+    from megatron.core import dist_checkpointing
+
+    state = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(state, ckpt)
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded[f"model{i}"])
+
+
+def forward_logits(chunks, tokens: torch.Tensor, vocab: int):
+    """Full-vocab logits ``[b, s, vocab]`` on the last stage's ranks, None elsewhere (PP by hand,
+    no VPP): stage 0 sends its hidden states ``[s, b, h]`` to stage 1 of the same TP rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    (model,) = chunks
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    stage = ps.get_pipeline_model_parallel_rank()
+    with torch.no_grad():
+        if stage > 0:
+            hidden = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size)
+            dist.recv(hidden, src=pp_ranks[stage - 1])
+            model.set_input_tensor(hidden)
+        out = model(tokens, pos, None)
+        if not ps.is_pipeline_last_stage():
+            dist.send(out.contiguous(), dst=pp_ranks[stage + 1])
+            return None
+    parts = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)[..., :vocab]
+
+
+def _reshard(chunks, spec, topology, max_bytes: int):
+    """Rank 0: the streamed HF state dict and the bucket sizes; other ranks: the names they saw."""
+    from dapo_megatron.weights.reshard import bucketize, iter_hf_weights
+
+    buckets = list(bucketize(iter_hf_weights(chunks, spec, topology), max_bytes))
+    named = [(n, t) for b in buckets for n, t in b]
+    if torch.distributed.get_rank() != 0:
+        return {"names": [n for n, _ in named], "tensors": [t for _, t in named]}
+    sizes = [(len(b), sum(t.numel() * t.element_size() for _, t in b)) for b in buckets]
+    return {"names": [n for n, _ in named], "state": dict(named), "buckets": sizes}
+
+
+def layouts_case(rank: int, world_size: int, ckpt: str, hf_config: dict, layouts: list, tokens: torch.Tensor) -> bytes:
+    """For each ``(tp, pp, vpp, what)`` layout: build, load ``ckpt``, then ``what`` in
+    {"logits", "reshard"}. Parallel state is rebuilt between layouts; the default group stays."""
+    from megatron.core import parallel_state
+
+    from dapo_megatron.megatron.model import model_spec_from_hf
+    from dapo_megatron.parallel.init import init_distributed, shutdown
+
+    init_distributed()
+    spec = model_spec_from_hf(hf_config)
+    results = []
+    for tp, pp, vpp, what in layouts:
+        topology = _init_layout(world_size, tp, pp, vpp)
+        chunks = _build(spec, topology)
+        load_model_part(chunks, ckpt)
+        if what == "logits":
+            results.append(forward_logits(chunks, tokens, spec.vocab_size))
+        else:
+            results.append(_reshard(chunks, spec, topology, max_bytes=40_000))
+        parallel_state.destroy_model_parallel()
+    shutdown()
+    return as_bytes(results)
+
+
+def pure_mapping_case(rank: int, world_size: int, hf_dir: str, tokens: torch.Tensor) -> bytes:
+    """World of one: load HF weights into a TP1 model through ``hf_to_megatron`` only (no checkpoint);
+    return the logits, the state-dict shape check and the load_state_dict leftovers."""
+    from dapo_megatron.megatron.model import model_spec_from_hf, padded_vocab_size
+    from dapo_megatron.parallel.init import init_distributed, shutdown
+    from dapo_megatron.weights import mapping
+    from dapo_megatron.weights.hf_io import HFReader
+
+    init_distributed()
+    spec = model_spec_from_hf(hf_dir)
+    (model,) = _build(spec, _init_layout(1, 1, 1))
+    rows = padded_vocab_size(spec.vocab_size, 1)
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    with HFReader(hf_dir) as reader:
+        converted = dict(mapping.hf_to_megatron(spec, reader.get, padded_vocab=rows))
+    result = model.load_state_dict(converted, strict=False)
+    out = {
+        "shapes_match": built == mapping.megatron_shapes(spec, rows),
+        "missing": [k for k in result.missing_keys if not k.endswith("_extra_state")],
+        "unexpected": list(result.unexpected_keys),
+        "logits": forward_logits([model], tokens, spec.vocab_size),
+    }
+    shutdown()
+    return as_bytes(out)

@@ -362,6 +362,14 @@ def normalize_megatron_name(name: str) -> str:
     return name
 
 
+def te_megatron_name(name: str) -> str:
+    """Map local-spec norm names onto the TE-spec names (the names dist-checkpoint keys use)."""
+    for te, local in zip(_NORM_NAMES["te"], _NORM_NAMES["local"]):
+        if name == local or name.endswith("." + local):
+            return name[: -len(local)] + te
+    return name
+
+
 def conversion_index(spec: Any) -> Dict[str, ConvItem]:
     """Local-scheme megatron name -> :class:`ConvItem`, for :func:`megatron_to_hf` lookups."""
     return {item.megatron_name: item for item in conversion_plan(spec, "local")}
