@@ -7,14 +7,16 @@
 ``MASTER_ADDR``, ``MASTER_PORT`` on a free port), so ``dapo_megatron.parallel.init.init_distributed()``
 works unchanged inside it. ``fn`` itself creates (and should destroy) the process group.
 
-Results come back per rank, in rank order, through a queue. If any rank raises, the harness kills
-the others and raises :class:`DistributedFailure` carrying that rank's traceback text. If the ranks
-do not all finish within ``timeout_s``, every rank is killed and ``DistributedTimeout`` is raised.
+Results come back per rank, in rank order, pickled by value through a queue (tensors included).
+If any rank raises, the harness kills the others and raises :class:`DistributedFailure` carrying
+that rank's traceback text. If the ranks do not all finish within ``timeout_s``, every rank is
+killed and ``DistributedTimeout`` is raised.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -60,9 +62,13 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ar
         results.put((rank, False, traceback.format_exc()))
         return
     try:
-        results.put((rank, True, value))
+        # Plain pickle bytes: tensors travel by value. The queue's own pickler would share tensor storage
+        # through file descriptors that vanish when this process exits before the parent reads them.
+        payload = pickle.dumps(value)
     except Exception:  # noqa: BLE001 - an unpicklable result is reported, not hung on
-        results.put((rank, False, f"rank {rank}: result could not be sent back:\n{traceback.format_exc()}"))
+        results.put((rank, False, f"rank {rank}: result could not be pickled:\n{traceback.format_exc()}"))
+        return
+    results.put((rank, True, payload))
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300) -> list[Any]:
@@ -113,7 +119,7 @@ def _collect(procs: list, results: Any, world_size: int, timeout_s: float) -> li
             continue
         if not ok:
             raise DistributedFailure(f"rank {rank} of {world_size} raised:\n{value}")
-        outcome[rank] = value
+        outcome[rank] = pickle.loads(value)
     return [outcome[r] for r in range(world_size)]
 
 

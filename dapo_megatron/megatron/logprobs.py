@@ -1,0 +1,195 @@
+"""Per-token log-probabilities and entropy from vocab-parallel logits, exact and memory-bounded.
+
+Each tensor-parallel rank holds a contiguous vocabulary shard ``[..., V/tp]`` of the logits
+(megatron's output layer with ``parallel_output=True``). With ``z = logits / T`` (T = sampling
+temperature, the same ``softmax(logits / T)`` the rollout engine samples from):
+
+    lse_i    = log sum_j exp(z_ij)                  (max all-reduce, then sum-exp all-reduce)
+    logp_i   = z_i,target - lse_i                   (the owning rank's logit, sum all-reduce)
+    H_i      = lse_i - sum_j p_ij z_ij              (sum all-reduce), p = softmax(z)
+
+Gradients (hand-written; no communication in the backward pass, since ``lse`` and ``H`` are saved
+per token and already global):
+
+    d logp_i / d z_ij = 1[j = target] - p_ij
+    d H_i    / d z_ij = -p_ij (z_ij - lse_i + H_i)
+    d / d logits      = (d / d z) / T
+
+Memory: tokens are processed ``chunk_size`` at a time, so the fp32 ``[chunk, V/tp]`` working set is
+the only vocabulary-sized temporary, in the forward and again in the backward (softmax is
+recomputed there from the saved ``lse``). Saved for backward: a reference to the logits (no copy),
+the targets and three fp32 values per token. The backward writes the logits gradient (logits'
+dtype, the logits' size; unavoidable) chunk by chunk into one buffer. Leading dimensions are
+flattened with ``reshape``: pass contiguous logits to avoid a copy (e.g. megatron's ``[s, b, v]``
+output before any transpose).
+
+Vocabulary padding: megatron pads the vocabulary to a multiple of ``128 * tp``; the padded rows of
+the output layer produce real logits. ``valid_vocab_size`` masks global columns at or above it to
+``-inf`` (probability 0, gradient 0). Logits that are already ``-inf`` are handled the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["token_logprobs_and_entropy"]
+
+
+def _group_info(tp_group: Any) -> tuple[Any, int, int]:
+    """(group or None when no communication is needed, rank in group, group size)."""
+    if tp_group is None:
+        return None, 0, 1
+    import torch.distributed as dist
+
+    size = dist.get_world_size(tp_group)
+    if size == 1:
+        return None, 0, 1
+    return tp_group, dist.get_rank(tp_group), size
+
+
+def _all_reduce(t: Tensor, group: Any, op: str) -> Tensor:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _scaled(logits: Tensor, temperature: float, vocab_start: int, valid_vocab_size: Optional[int]) -> Tensor:
+    """``logits / T`` in fp32 (fp64 for fp64 input) with columns at global index >= ``valid_vocab_size``
+    set to ``-inf``."""
+    z = logits.to(_math_dtype(logits.dtype)) / temperature
+    if valid_vocab_size is not None:
+        local_valid = valid_vocab_size - vocab_start
+        if local_valid < z.shape[-1]:
+            z[:, max(local_valid, 0) :] = float("-inf")
+    return z
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _target_index(targets: Tensor, vocab_start: int, local_vocab: int) -> tuple[Tensor, Tensor]:
+    """(local column of each target, clamped into range; whether this rank owns it)."""
+    local = targets - vocab_start
+    owned = (local >= 0) & (local < local_vocab)
+    return local.clamp(0, local_vocab - 1), owned
+
+
+class _VocabParallelLogProbEntropy(torch.autograd.Function):
+    """Chunked exact log p(target) and entropy over a TP-sharded vocabulary (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, chunk_size, tp_group, compute_entropy, valid_vocab_size):
+        group, rank, _ = _group_info(tp_group)
+        n, local_vocab = logits.shape
+        vocab_start = rank * local_vocab
+        logp = torch.empty(n, dtype=_math_dtype(logits.dtype), device=logits.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if compute_entropy else None
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = _scaled(logits[s:e], temperature, vocab_start, valid_vocab_size)
+            m = _all_reduce(z.max(dim=-1).values, group, "max")
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row stays -inf below
+            idx, owned = _target_index(targets[s:e], vocab_start, local_vocab)
+            z_target = torch.where(owned, z.gather(-1, idx.unsqueeze(-1)).squeeze(-1), torch.zeros_like(m))
+            exp = torch.exp(z - m.unsqueeze(-1))
+            sums = [exp.sum(dim=-1), z_target]
+            if compute_entropy:
+                finite_z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+                sums.append((exp * finite_z).sum(dim=-1))
+            sums = _all_reduce(torch.stack(sums), group, "sum")
+            lse[s:e] = m + torch.log(sums[0])
+            logp[s:e] = sums[1] - lse[s:e]
+            if compute_entropy:
+                entropy[s:e] = lse[s:e] - sums[2] / sums[0]
+            del z, exp
+        ctx.save_for_backward(logits, targets, lse, entropy if compute_entropy else lse)
+        ctx.config = (temperature, chunk_size, tp_group, compute_entropy, valid_vocab_size)
+        if compute_entropy:
+            return logp, entropy
+        placeholder = torch.zeros(0, device=logits.device)
+        ctx.mark_non_differentiable(placeholder)
+        return logp, placeholder
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        temperature, chunk_size, tp_group, compute_entropy, valid_vocab_size = ctx.config
+        _, rank, _ = _group_info(tp_group)
+        n, local_vocab = logits.shape
+        vocab_start = rank * local_vocab
+        grad_logits = torch.empty_like(logits)
+        use_entropy = compute_entropy and grad_entropy is not None
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = _scaled(logits[s:e], temperature, vocab_start, valid_vocab_size)
+            p = torch.exp(z - lse[s:e].unsqueeze(-1))  # 0 on masked / -inf columns
+            g_lp = grad_logp[s:e] if grad_logp is not None else torch.zeros_like(lse[s:e])
+            coeff = g_lp.unsqueeze(-1).expand_as(p)
+            if use_entropy:
+                finite_z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+                shift = (entropy[s:e] - lse[s:e]).unsqueeze(-1)
+                coeff = coeff + grad_entropy[s:e].unsqueeze(-1) * (finite_z + shift)
+            grad_z = -p * coeff
+            idx, owned = _target_index(targets[s:e], vocab_start, local_vocab)
+            rows = torch.nonzero(owned).squeeze(-1)
+            grad_z[rows, idx[rows]] += g_lp[rows]
+            grad_logits[s:e] = (grad_z / temperature).to(logits.dtype)
+            del z, p, coeff, grad_z
+        return grad_logits, None, None, None, None, None, None
+
+
+def token_logprobs_and_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    tp_group: Any = None,
+    compute_entropy: bool = True,
+    valid_vocab_size: Optional[int] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Exact ``log softmax(logits / T)[target]`` and entropy of ``softmax(logits / T)`` per token.
+
+    Args:
+        logits: this rank's vocabulary shard, shape ``[..., V/tp]`` (any leading dims, e.g. ``[b, s]``
+            or ``[s, b]``), any float dtype. Shard ``r`` holds global columns ``[r*V/tp, (r+1)*V/tp)``.
+        targets: global token ids, shape ``[...]`` (the leading dims of ``logits``), integer.
+        temperature: sampling temperature T > 0; the logits are divided by it first.
+        chunk_size: tokens per chunk; bounds the fp32 ``[chunk, V/tp]`` temporaries.
+        tp_group: tensor-parallel process group holding the other shards; ``None`` (or a group of
+            size 1) means ``logits`` is the whole vocabulary and nothing is communicated.
+        compute_entropy: also return the entropy (one more reduction per chunk).
+        valid_vocab_size: global number of real vocabulary entries; columns at or above it (megatron's
+            vocabulary padding) get probability 0. ``None`` uses every column.
+
+    Returns:
+        ``(logp, entropy)``: fp32 tensors (fp64 for fp64 logits) of shape ``[...]``, both
+        differentiable w.r.t. ``logits`` (entropy is ``None`` when ``compute_entropy`` is False).
+        Every rank of the TP group gets the full values; each rank's gradient lands on its shard.
+
+    All ranks of ``tp_group`` must call this with the same token count and ``chunk_size``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal logits' leading dims {tuple(logits.shape[:-1])}"
+        )
+    if valid_vocab_size is not None and valid_vocab_size < 1:
+        raise ValueError(f"valid_vocab_size must be >= 1, got {valid_vocab_size}")
+    lead = targets.shape
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1).long()
+    logp, entropy = _VocabParallelLogProbEntropy.apply(
+        flat_logits, flat_targets, float(temperature), int(chunk_size), tp_group, compute_entropy, valid_vocab_size
+    )
+    return logp.reshape(lead), (entropy.reshape(lead) if compute_entropy else None)
