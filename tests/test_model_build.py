@@ -36,12 +36,13 @@ LLAMA3_ROPE = {
 }
 
 
-def _hf_configs():
+def _hf_configs(layers=2):
     """Tiny HF configs built in code (no download), one per architecture."""
+    tiny = {**TINY, "num_hidden_layers": layers}
     return {
-        "qwen2": Qwen2Config(**TINY, rope_theta=1e6, tie_word_embeddings=True),
-        "qwen3": Qwen3Config(**TINY, head_dim=32, rms_norm_eps=1e-5),
-        "llama": LlamaConfig(**TINY, max_position_embeddings=16384, rope_theta=10000.0, rope_scaling=dict(LLAMA3_ROPE)),
+        "qwen2": Qwen2Config(**tiny, rope_theta=1e6, tie_word_embeddings=True),
+        "qwen3": Qwen3Config(**tiny, head_dim=32, rms_norm_eps=1e-5),
+        "llama": LlamaConfig(**tiny, max_position_embeddings=16384, rope_theta=10000.0, rope_scaling=dict(LLAMA3_ROPE)),
     }
 
 
@@ -153,15 +154,43 @@ def test_model_does_not_fit_topology():
         transformer_config(spec, Topology(world_size=4, tp=4), ModelConfig())
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without CUDA/TE")
-def test_fp8_without_te_raises_before_build():
+def test_fp8_without_te_raises_before_build(monkeypatch):
+    import dapo_megatron.megatron.model as model_mod
+
+    monkeypatch.setattr(model_mod, "_te_importable", lambda: False)  # the same on a GPU machine with TE
     spec = model_spec_from_hf(_hf_configs()["llama"].to_dict())
     fp8 = ModelConfig(fp8="e4m3", fp8_recipe="blockwise")
     # build_model_chunks validates before it looks at (uninitialised) parallel state or builds anything
-    with pytest.raises(ConfigError, match=r"model\.fp8: FP8 .*missing: Transformer Engine .* and CUDA"):
+    with pytest.raises(
+        ConfigError, match=r"model\.fp8: FP8 \('e4m3', recipe 'blockwise'\) .*missing: Transformer Engine"
+    ):
         build_model_chunks(spec, Topology(world_size=1), fp8)
-    with pytest.raises(ConfigError, match=r"model\.transformer_impl: 'transformer_engine' needs"):
+    with pytest.raises(ConfigError, match=r"model\.transformer_impl: 'transformer_engine' needs Transformer Engine"):
         transformer_config(spec, Topology(world_size=1), ModelConfig(transformer_impl="transformer_engine"))
+    assert model_mod.resolve_transformer_impl(ModelConfig(transformer_impl="auto")) == "local"
+
+
+def test_fp8_recipe_checked_against_installed_megatron():
+    from dataclasses import dataclass
+    from typing import Literal, Optional
+
+    from dapo_megatron.megatron.model import _fp8_kwargs
+
+    @dataclass
+    class OldConfig:  # a megatron-core without the 'blockwise' recipe
+        fp8: Optional[str] = None
+        fp8_recipe: Optional[Literal["tensorwise", "delayed"]] = "delayed"
+
+    with pytest.raises(ConfigError, match=r"model\.fp8_recipe: 'blockwise' is not supported .* delayed, tensorwise"):
+        _fp8_kwargs(ModelConfig(fp8="hybrid", fp8_recipe="blockwise"), OldConfig)
+    assert _fp8_kwargs(ModelConfig(fp8="hybrid", fp8_recipe="delayed"), OldConfig) == {
+        "fp8": "hybrid",
+        "fp8_recipe": "delayed",
+    }
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    for recipe in ("delayed", "tensorwise", "blockwise", "mxfp8"):  # every ModelConfig recipe exists in 0.16.1
+        assert _fp8_kwargs(ModelConfig(fp8="e4m3", fp8_recipe=recipe), TransformerConfig)["fp8_recipe"] == recipe
 
 
 # ----------------------------------------------------------------------------- megatron vs transformers
@@ -214,13 +243,15 @@ def _hf_to_megatron(hf_sd, spec, name, *, tp, tp_rank, layer_offset, vocab_padde
     return table[rest]()
 
 
-def _load_hf_weights(chunk, hf_model, spec, topo):
+def _load_hf_weights(chunk, hf_model, spec, topo, vp_stage):
     from megatron.core import parallel_state as ps
 
     from dapo_megatron.megatron.model import padded_vocab_size
 
     tp_rank = ps.get_tensor_model_parallel_rank()
-    offset = ps.get_pipeline_model_parallel_rank() * spec.num_layers // topo.pp
+    per_chunk = spec.num_layers // (topo.pp * topo.vpp)
+    # interleaved layout: virtual stage v of pipeline rank r holds global chunk v * pp + r
+    offset = (vp_stage * topo.pp + ps.get_pipeline_model_parallel_rank()) * per_chunk
     hf_sd = hf_model.state_dict()
     with torch.no_grad():
         for name, param in chunk.named_parameters():
@@ -232,10 +263,39 @@ def _load_hf_weights(chunk, hf_model, spec, topo):
             param.copy_(value)
 
 
-def _hf_model(arch, **overrides):
+def _pipeline_forward(chunks, topo, tokens, positions, hidden_size):
+    """Run the chunks in pipeline order (virtual stage, then pipeline rank) with plain send/recv.
+
+    Returns this rank's logits shard if it holds the last stage, else None.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pp_rank, logits = ps.get_pipeline_model_parallel_rank(), None
+    b, s = tokens.shape
+    for vp in range(topo.vpp):
+        for r in range(topo.pp):
+            if r != pp_rank:
+                continue
+            chunk = chunks[vp]
+            if chunk.pre_process:
+                out = chunk(tokens, positions, None)
+            else:
+                hidden = torch.empty(s, b, hidden_size)
+                dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+                chunk.set_input_tensor(hidden)
+                out = chunk(None, positions, None)
+            if chunk.post_process:
+                logits = out
+            else:
+                dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+    return logits
+
+
+def _hf_model(arch, layers=2, **overrides):
     from transformers import AutoModelForCausalLM
 
-    cfg = _hf_configs()[arch]
+    cfg = _hf_configs(layers)[arch]
     for key, value in overrides.items():
         setattr(cfg, key, value)
     torch.manual_seed(0)
@@ -259,44 +319,40 @@ def _gather_vocab(logits, tp):
 
 
 def _megatron_vs_hf(rank, world_size, cases, seq_len):
-    """For each (arch, tp, pp): build, load the HF weights, run one forward, return max |Δlogit|."""
-    import torch.distributed as dist
+    """For each (arch, tp, pp, vpp, layers): build, load the HF weights, run one forward.
+
+    Returns per case the max |megatron - transformers| logit difference (on last-stage ranks), the
+    logit scale, this rank's parameter count and each chunk's (pre_process, post_process, layers).
+    """
     from megatron.core import parallel_state as ps
 
     from dapo_megatron.parallel.init import init_distributed, init_model_parallel, shutdown
 
     init_distributed()
     out = {}
-    for arch, tp, pp in cases:
-        topo = Topology(world_size=world_size, tp=tp, pp=pp)
+    for arch, tp, pp, vpp, layers in cases:
+        topo = Topology(world_size=world_size, tp=tp, pp=pp, vpp=vpp)
         init_model_parallel(topo, seed=5)
-        cfg, hf = _hf_model(arch)
+        cfg, hf = _hf_model(arch, layers)
         spec = model_spec_from_hf(cfg.to_dict())
-        (chunk,) = build_model_chunks(spec, topo, ModelConfig())
-        _load_hf_weights(chunk, hf, spec, topo)
-        chunk.eval()
+        chunks = build_model_chunks(spec, topo, ModelConfig())
+        assert len(chunks) == vpp
+        for vp_stage, chunk in enumerate(chunks):
+            _load_hf_weights(chunk, hf, spec, topo, vp_stage)
+            chunk.eval()
         tokens = torch.randint(0, spec.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(3))
         positions = torch.arange(seq_len).expand(2, -1)
         with torch.no_grad():
             ref = hf(input_ids=tokens).logits
-            if pp == 1:
-                logits = chunk(tokens, positions, None)
-            elif ps.is_pipeline_first_stage():
-                hidden = chunk(tokens, positions, None)  # [s, b, h]
-                dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-                logits = None
-            else:
-                hidden = torch.empty(seq_len, 2, spec.hidden_size)
-                dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-                chunk.set_input_tensor(hidden)
-                logits = chunk(None, positions, None)
-        key = f"{arch}_tp{tp}_pp{pp}"
+            logits = _pipeline_forward(chunks, topo, tokens, positions, spec.hidden_size)
+        key = f"{arch}_tp{tp}_pp{pp}_vpp{vpp}"
         if logits is not None:
             full = _gather_vocab(logits, tp)
             assert full.shape == (2, seq_len, padded_vocab_size(spec.vocab_size, tp)), full.shape
             out[key] = (full[..., : spec.vocab_size] - ref).abs().max().item()
             out[key + "_scale"] = ref.abs().max().item()
-        out[key + "_params"] = sum(p.numel() for p in chunk.parameters())
+        out[key + "_params"] = sum(p.numel() for c in chunks for p in c.parameters())
+        out[key + "_chunks"] = [(c.pre_process, c.post_process, len(c.decoder.layers)) for c in chunks]
         ps.destroy_model_parallel()
     if rank == 0 and world_size == 1:
         # Sensitivity of the Llama case: without the rope scaling the logits must differ clearly.
@@ -310,24 +366,52 @@ def _megatron_vs_hf(rank, world_size, cases, seq_len):
     return out
 
 
+MATCH_TOL = 2e-5  # fp32 logits of magnitude < 1; measured differences are 0 to 3e-7
+
+
 @pytest.mark.multiproc
 def test_tp1_matches_transformers_for_each_architecture():
     # seq 384: positions reach the band where Llama 3 scaling changes the low rope frequencies
-    (out,) = run_distributed(_megatron_vs_hf, 1, [("qwen2", 1, 1), ("qwen3", 1, 1), ("llama", 1, 1)], 384)
+    cases = [("qwen2", 1, 1, 1, 2), ("qwen3", 1, 1, 1, 2), ("llama", 1, 1, 1, 2)]
+    (out,) = run_distributed(_megatron_vs_hf, 1, cases, 384)
     for arch in ("qwen2", "qwen3", "llama"):
-        assert out[f"{arch}_tp1_pp1"] < 2e-5 * max(1.0, out[f"{arch}_tp1_pp1_scale"]), (arch, out)
+        assert out[f"{arch}_tp1_pp1_vpp1"] < MATCH_TOL, (arch, out)
+        assert out[f"{arch}_tp1_pp1_vpp1_chunks"] == [(True, True, 2)]
     # the Llama comparison can see the rope scaling: dropping it moves the logits far beyond the match error
-    assert out["llama_scaling_effect"] > max(1e-4, 100 * out["llama_tp1_pp1"]), out
+    assert out["llama_scaling_effect"] > max(1e-4, 100 * out["llama_tp1_pp1_vpp1"]), out
 
 
 @pytest.mark.multiproc
-def test_tp2_and_pp2_match_transformers():
-    # One 2-process world: TP2 (qwen3: qk-norm, GQA split over ranks) then PP2 (qwen2: tied embeddings
-    # across pipeline stages, q/k/v bias).
-    r0, r1 = run_distributed(_megatron_vs_hf, 2, [("qwen3", 2, 1), ("qwen2", 1, 2)], 16, timeout_s=240)
-    assert r0["qwen3_tp2_pp1"] < 2e-5 and r1["qwen3_tp2_pp1"] < 2e-5, (r0, r1)
-    assert "qwen2_tp1_pp2" not in r0 and r1["qwen2_tp1_pp2"] < 2e-5, (r0, r1)
-    # each TP rank holds half of every sharded matrix (norms are replicated)
-    assert r0["qwen3_tp2_pp1_params"] == r1["qwen3_tp2_pp1_params"]
-    # PP2 with tied embeddings: stage 0 has embedding + layer 0, stage 1 layer 1 + final norm + output copy
-    assert r0["qwen2_tp1_pp2_params"] - r1["qwen2_tp1_pp2_params"] == -64  # final norm only on the last stage
+def test_tp2_pp2_and_vpp2_match_transformers():
+    # One 2-process world, three layouts: TP2 (qwen3: qk-norm, GQA split over ranks), PP2 (qwen2: tied
+    # embeddings across pipeline stages, q/k/v bias), PP2 x VPP2 (llama, 4 layers in 4 interleaved chunks).
+    cases = [("qwen3", 2, 1, 1, 2), ("qwen2", 1, 2, 1, 2), ("llama", 1, 2, 2, 4)]
+    r0, r1 = run_distributed(_megatron_vs_hf, 2, cases, 16, timeout_s=240)
+    assert r0["qwen3_tp2_pp1_vpp1"] < MATCH_TOL and r1["qwen3_tp2_pp1_vpp1"] < MATCH_TOL, (r0, r1)
+    assert r0["qwen3_tp2_pp1_vpp1_params"] == r1["qwen3_tp2_pp1_vpp1_params"]  # each TP rank holds half
+    assert "qwen2_tp1_pp2_vpp1" not in r0 and r1["qwen2_tp1_pp2_vpp1"] < MATCH_TOL, (r0, r1)
+    assert r0["qwen2_tp1_pp2_vpp1_chunks"] == [(True, False, 1)] and r1["qwen2_tp1_pp2_vpp1_chunks"] == [
+        (False, True, 1)
+    ]
+    # tied embeddings: stage 1 holds a copy of the embedding as its output layer; it also has the final norm
+    assert r1["qwen2_tp1_pp2_vpp1_params"] - r0["qwen2_tp1_pp2_vpp1_params"] == 64
+    assert r1["llama_tp1_pp2_vpp2"] < MATCH_TOL, r1
+    assert r0["llama_tp1_pp2_vpp2_chunks"] == [(True, False, 1), (False, False, 1)]
+    assert r1["llama_tp1_pp2_vpp2_chunks"] == [(False, False, 1), (False, True, 1)]
+
+
+@pytest.mark.multiproc
+def test_pp4_and_tp2_pp2_vpp2_match_transformers():
+    cases = [("qwen2", 1, 4, 1, 4), ("qwen3", 2, 2, 2, 4)]
+    outs = run_distributed(_megatron_vs_hf, 4, cases, 16, timeout_s=300)
+    assert [o["qwen2_tp1_pp4_vpp1_chunks"] for o in outs] == [
+        [(True, False, 1)],
+        [(False, False, 1)],
+        [(False, False, 1)],
+        [(False, True, 1)],
+    ]
+    assert outs[3]["qwen2_tp1_pp4_vpp1"] < MATCH_TOL, outs[3]
+    # ranks are tp-major: ranks 2 and 3 are the last pipeline stage (both TP shards)
+    for r in (2, 3):
+        assert outs[r]["qwen3_tp2_pp2_vpp2"] < MATCH_TOL, outs[r]
+        assert outs[r]["qwen3_tp2_pp2_vpp2_chunks"] == [(False, False, 1), (False, True, 1)]
