@@ -82,12 +82,34 @@ def test_minus_inf_logits_give_finite_entropy_and_grads():
     assert (g - g_ref).abs().max() <= TOL
 
 
-def test_sequence_major_noncontiguous_layout():
-    logits, targets, w = _case(shape=(4, 6), seed=4)
-    sb_logits = logits.transpose(0, 1)  # [s, b, v] view, non-contiguous
-    lp, ent = token_logprobs_and_entropy(sb_logits, targets.t(), chunk_size=5)
-    lp_ref, ent_ref = _dense(logits, targets)
-    assert (lp - lp_ref.t()).abs().max() <= TOL and (ent - ent_ref.t()).abs().max() <= TOL
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_noncontiguous_layouts_values_and_gradients(layout):
+    logits, targets, w = _case(shape=(4, 7), seed=4)
+    x = logits.clone().requires_grad_()
+    if layout == "transposed":  # [s, b, v] view of [b, s, v]
+        view, tgt, weights = x.transpose(0, 1), targets.t(), (w[0].t(), w[1].t())
+    else:  # the actor's next-token slice logits[:, :-1] of a contiguous [b, t, v]
+        view, tgt, weights = x[:, :-1], targets[:, 1:], (w[0][:, 1:], w[1][:, 1:])
+    lp, ent = token_logprobs_and_entropy(view, tgt, chunk_size=5)
+    ((lp * weights[0]).sum() + (ent * weights[1]).sum()).backward()
+    ref = logits.clone().requires_grad_()
+    ref_view = ref.transpose(0, 1) if layout == "transposed" else ref[:, :-1]
+    lp_ref, ent_ref = _dense(ref_view, tgt)
+    ((lp_ref * weights[0]).sum() + (ent_ref * weights[1]).sum()).backward()
+    assert (lp - lp_ref).abs().max() <= TOL and (ent - ent_ref).abs().max() <= TOL
+    assert (x.grad - ref.grad).abs().max() <= TOL
+
+
+def test_rows_are_views_not_copies():
+    from dapo_megatron.megatron.logprobs import _chunks, _rows_2d
+
+    x = torch.randn(3, 5, 8)
+    assert len(_rows_2d(x)) == 1 and len(_rows_2d(x[:, :-1])) == 3 and len(_rows_2d(x.transpose(0, 1))) == 5
+    base = x.untyped_storage().data_ptr()
+    for view in (x, x[:, :-1], x.transpose(0, 1)):
+        assert all(b.untyped_storage().data_ptr() == base for b in _rows_2d(view))
+    offsets = [(o, c.shape[0]) for o, c in _chunks(x[:, :-1], 3)]
+    assert offsets == [(0, 3), (3, 1), (4, 3), (7, 1), (8, 3), (11, 1)]
 
 
 def test_without_entropy_and_logp_only_gradient():

@@ -19,9 +19,9 @@ Memory: tokens are processed ``chunk_size`` at a time, so the fp32 ``[chunk, V/t
 the only vocabulary-sized temporary, in the forward and again in the backward (softmax is
 recomputed there from the saved ``lse``). Saved for backward: a reference to the logits (no copy),
 the targets and three fp32 values per token. The backward writes the logits gradient (logits'
-dtype, the logits' size; unavoidable) chunk by chunk into one buffer. Leading dimensions are
-flattened with ``reshape``: pass contiguous logits to avoid a copy (e.g. megatron's ``[s, b, v]``
-output before any transpose).
+dtype, the logits' size; unavoidable) chunk by chunk into one buffer. The logits are never copied
+whole: leading dimensions are flattened by views where the strides allow, else walked block by
+block (so a slice such as ``logits[:, :-1]`` or a transposed ``[s, b, v]`` view costs nothing).
 
 Vocabulary padding: megatron pads the vocabulary to a multiple of ``128 * tp``; the padded rows of
 the output layer produce real logits. ``valid_vocab_size`` masks global columns at or above it to
@@ -30,6 +30,7 @@ the output layer produce real logits. ``valid_vocab_size`` masks global columns 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
@@ -80,20 +81,42 @@ def _target_index(targets: Tensor, vocab_start: int, local_vocab: int) -> tuple[
     return local.clamp(0, local_vocab - 1), owned
 
 
+def _rows_2d(x: Tensor) -> list[Tensor]:
+    """``x [..., V]`` as 2-D ``[rows, V]`` views in row-major order, never copying.
+
+    One view when the leading dims flatten (contiguous logits); otherwise split along the first dim
+    (e.g. ``logits[:, :-1]`` of a ``[b, t, V]`` tensor gives ``b`` views of ``[t - 1, V]``).
+    """
+    try:
+        return [x.view(-1, x.shape[-1])]
+    except RuntimeError:
+        return [block for i in range(x.shape[0]) for block in _rows_2d(x[i])]
+
+
+def _chunks(logits: Tensor, chunk_size: int) -> Iterator[tuple[int, Tensor]]:
+    """(flat token offset, ``[<= chunk_size, V]`` view) pairs covering every token of ``logits``."""
+    offset = 0
+    for block in _rows_2d(logits):
+        for s in range(0, block.shape[0], chunk_size):
+            chunk = block[s : s + chunk_size]
+            yield offset, chunk
+            offset += chunk.shape[0]
+
+
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
     """Chunked exact log p(target) and entropy over a TP-sharded vocabulary (see module docstring)."""
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, chunk_size, tp_group, compute_entropy, valid_vocab_size):
         group, rank, _ = _group_info(tp_group)
-        n, local_vocab = logits.shape
+        n, local_vocab = targets.numel(), logits.shape[-1]
         vocab_start = rank * local_vocab
         logp = torch.empty(n, dtype=_math_dtype(logits.dtype), device=logits.device)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if compute_entropy else None
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            z = _scaled(logits[s:e], temperature, vocab_start, valid_vocab_size)
+        for s, block in _chunks(logits, chunk_size):
+            e = s + block.shape[0]
+            z = _scaled(block, temperature, vocab_start, valid_vocab_size)
             m = _all_reduce(z.max(dim=-1).values, group, "max")
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row stays -inf below
             idx, owned = _target_index(targets[s:e], vocab_start, local_vocab)
@@ -122,13 +145,13 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         logits, targets, lse, entropy = ctx.saved_tensors
         temperature, chunk_size, tp_group, compute_entropy, valid_vocab_size = ctx.config
         _, rank, _ = _group_info(tp_group)
-        n, local_vocab = logits.shape
+        n, local_vocab = targets.numel(), logits.shape[-1]
         vocab_start = rank * local_vocab
-        grad_logits = torch.empty_like(logits)
+        grad_logits = torch.empty(n, local_vocab, dtype=logits.dtype, device=logits.device)
         use_entropy = compute_entropy and grad_entropy is not None
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            z = _scaled(logits[s:e], temperature, vocab_start, valid_vocab_size)
+        for s, block in _chunks(logits, chunk_size):
+            e = s + block.shape[0]
+            z = _scaled(block, temperature, vocab_start, valid_vocab_size)
             p = torch.exp(z - lse[s:e].unsqueeze(-1))  # 0 on masked / -inf columns
             g_lp = grad_logp[s:e] if grad_logp is not None else torch.zeros_like(lse[s:e])
             coeff = g_lp.unsqueeze(-1).expand_as(p)
@@ -142,7 +165,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             grad_z[rows, idx[rows]] += g_lp[rows]
             grad_logits[s:e] = (grad_z / temperature).to(logits.dtype)
             del z, p, coeff, grad_z
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits.view(logits.shape), None, None, None, None, None, None
 
 
 def token_logprobs_and_entropy(
@@ -187,9 +210,8 @@ def token_logprobs_and_entropy(
     if valid_vocab_size is not None and valid_vocab_size < 1:
         raise ValueError(f"valid_vocab_size must be >= 1, got {valid_vocab_size}")
     lead = targets.shape
-    flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1).long()
     logp, entropy = _VocabParallelLogProbEntropy.apply(
-        flat_logits, flat_targets, float(temperature), int(chunk_size), tp_group, compute_entropy, valid_vocab_size
+        logits, flat_targets, float(temperature), int(chunk_size), tp_group, compute_entropy, valid_vocab_size
     )
     return logp.reshape(lead), (entropy.reshape(lead) if compute_entropy else None)

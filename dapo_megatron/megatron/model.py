@@ -23,13 +23,18 @@ import os
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from dapo_megatron.config import ConfigError, ModelConfig
 from dapo_megatron.parallel.topology import Topology, check_model_fits
+
+if TYPE_CHECKING:  # megatron-core is imported lazily, inside the functions that need it
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 __all__ = [
     "ARCHITECTURES",
@@ -268,8 +273,10 @@ def _recompute_kwargs(model_cfg: ModelConfig) -> dict:
     }
 
 
-def transformer_config(spec: ModelSpec, topology: Topology, model_cfg: ModelConfig, *, sequence_parallel: bool = False):
-    """megatron ``TransformerConfig`` for ``spec`` split over ``topology`` (returns TransformerConfig).
+def transformer_config(
+    spec: ModelSpec, topology: Topology, model_cfg: ModelConfig, *, sequence_parallel: bool = False
+) -> TransformerConfig:
+    """megatron ``TransformerConfig`` for ``spec`` split over ``topology``.
 
     Raises ``ConfigError`` for FP8 or Transformer Engine requests this machine cannot honour and
     ``ValueError`` when the model does not divide over the topology.
@@ -330,7 +337,7 @@ def transformer_config(spec: ModelSpec, topology: Topology, model_cfg: ModelConf
     )
 
 
-def layer_spec(model_cfg: ModelConfig, *, qk_layernorm: bool = False):
+def layer_spec(model_cfg: ModelConfig, *, qk_layernorm: bool = False) -> ModuleSpec:
     """Transformer layer ``ModuleSpec``: Transformer Engine layers or megatron-core's torch layers."""
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -340,7 +347,9 @@ def layer_spec(model_cfg: ModelConfig, *, qk_layernorm: bool = False):
 
 
 # ----------------------------------------------------------------------------- build
-def build_model_chunks(spec: ModelSpec, topology: Topology, model_cfg: ModelConfig, *, sequence_parallel: bool = False):
+def build_model_chunks(
+    spec: ModelSpec, topology: Topology, model_cfg: ModelConfig, *, sequence_parallel: bool = False
+) -> list[GPTModel]:
     """This rank's model: one ``GPTModel`` per virtual-pipeline chunk (a list of length ``vpp``).
 
     Chunk ``i`` holds this pipeline rank's ``i``-th slice of layers; only chunk 0 of pipeline rank 0
