@@ -43,7 +43,7 @@ def test_logprobs_equal_teacher_forced_recomputation(engine, temperature):
         for c in group:
             assert c.finish_reason == "length" and len(c.token_ids) == 20 == len(c.logprobs)
             ref = teacher_forced(engine.model, prompt, c.token_ids, temperature)
-            assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-5, rtol=0), (ref - torch.tensor(c.logprobs))
+            assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-5, rtol=0), ref - torch.tensor(c.logprobs)
         # n samples of one prompt differ (one generator, successive draws)
         assert len({tuple(c.token_ids) for c in group}) == 3
 
@@ -104,8 +104,9 @@ def test_update_weights_changes_outputs_and_stamps_version():
     # The engine now holds exactly the new weights: logprobs match a model built from them.
     ref = EmbeddedEngine({**CONFIG, "eos_token_id": None}, seed=123, state_dict=new)
     c = after[1][0]
-    torch.testing.assert_close(torch.tensor(c.logprobs), teacher_forced(ref.model, PROMPTS[1], c.token_ids, 1.0),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(c.logprobs), teacher_forced(ref.model, PROMPTS[1], c.token_ids, 1.0), atol=1e-5, rtol=0
+    )
 
 
 def test_update_weights_tied_embedding_and_bad_names():

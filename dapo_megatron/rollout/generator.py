@@ -1,0 +1,339 @@
+"""Streaming rollout with dynamic sampling (DAPO): submit groups, score each as it completes, keep the
+informative ones, refill, and abort what is still running once the batch is full.
+
+One step (``await StreamingRollout.run(prompt_source)``)::
+
+    while not full:
+        if kept + in_flight < target:      # even keeping every running group would not fill the batch
+            acc.begin_round()              # counts against max_num_gen_batches (raises when exhausted)
+            submit gen_prompts_per_round prompts, one task per group (n samples, one request)
+        wait for any group -> score it (reward on decoded text + overlong penalty) -> acc.offer(group, acc values)
+    abort_all on every engine; await the running tasks; their results are never offered
+    return acc.take(), metrics
+
+Fault handling: a request that fails or times out is retried on another engine (least loaded,
+preferring engines it has not failed on), at most ``max_retries`` times; an engine whose health check
+fails is skipped for the rest of the run (or replaced through ``restart_engine``). Each group gets an
+id when submitted and is offered at most once, so no sample is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+
+from dapo_megatron.algo.dynamic_sampling import GroupAccumulator
+from dapo_megatron.algo.overlong import overlong_penalty
+from dapo_megatron.rollout.base import Completion, EngineError, RolloutEngine, SamplingParams
+from dapo_megatron.types import Group, Sample
+
+_HEALTH_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt to sample a group for: token ids, the ground truth for the reward, free metadata."""
+
+    prompt_index: int
+    prompt_ids: List[int]
+    ground_truth: str
+    metadata: dict = field(default_factory=dict)
+
+
+class RolloutFailed(RuntimeError):
+    """A group could not be generated within ``max_retries`` retries, or no engine is healthy."""
+
+
+@dataclass
+class _Stats:
+    tokens: int = 0
+    retries: int = 0
+    late_discarded: int = 0
+
+
+class StreamingRollout:
+    """Drives ``engines`` to fill one training batch of informative groups per :meth:`run`.
+
+    Args:
+        engines: the :class:`RolloutEngine` pool.
+        reward_fn: ``(response_text, ground_truth) -> RewardResult(score, acc, pred)``.
+        tokenizer_decode: response token ids -> text for the reward.
+        sampling: sampling params; ``n`` is the group size G, ``seed`` the base of per-request seeds.
+        max_response_len / overlong_enable / overlong_len / overlong_penalty_factor: DAPO Eq. 13.
+        filter_metric: ``acc`` | ``score`` | ``seq_reward``: the per-sample value that must vary.
+        filter_enable: dynamic sampling on (off: every completed group is kept).
+        target_groups / gen_prompts_per_round / max_num_gen_batches / on_exhausted: the accumulator.
+        max_concurrency: in-flight groups per engine.
+        request_timeout_s / max_retries: per-request bound and retries on other engines.
+        keep_surplus: carry fully completed surplus groups into the next :meth:`run`.
+        restart_engine: optional ``async (index) -> RolloutEngine | None`` called for an unhealthy engine.
+    """
+
+    def __init__(
+        self,
+        engines: Sequence[RolloutEngine],
+        reward_fn: Callable,
+        *,
+        tokenizer_decode: Callable[[List[int]], str],
+        sampling: SamplingParams,
+        max_response_len: int,
+        target_groups: int,
+        gen_prompts_per_round: int,
+        overlong_enable: bool = True,
+        overlong_len: int = 1,
+        overlong_penalty_factor: float = 1.0,
+        filter_metric: str = "acc",
+        filter_enable: bool = True,
+        max_num_gen_batches: int = 0,
+        on_exhausted: str = "error",
+        max_concurrency: int = 64,
+        request_timeout_s: float = 3600.0,
+        max_retries: int = 3,
+        keep_surplus: bool = False,
+        restart_engine: Optional[Callable[[int], Awaitable[Optional[RolloutEngine]]]] = None,
+    ):
+        if filter_metric not in ("acc", "score", "seq_reward"):
+            raise ValueError(f"filter_metric must be acc, score or seq_reward, got {filter_metric!r}")
+        if not engines:
+            raise ValueError("StreamingRollout needs at least one engine")
+        self.engines = list(engines)
+        self.reward_fn, self.decode, self.sampling = reward_fn, tokenizer_decode, sampling
+        self.max_response_len = max_response_len
+        self.overlong = (overlong_enable, overlong_len, overlong_penalty_factor)
+        self.filter_metric, self.gen_prompts_per_round = filter_metric, gen_prompts_per_round
+        self.acc = GroupAccumulator(target_groups, max_num_gen_batches, on_exhausted, enabled=filter_enable)
+        self.max_concurrency, self.request_timeout_s = max_concurrency, request_timeout_s
+        self.max_retries, self.keep_surplus, self.restart_engine = max_retries, keep_surplus, restart_engine
+        self.healthy = [True] * len(self.engines)
+        self.in_flight = [0] * len(self.engines)
+        self.carry: List[Group] = []  # surplus kept for the next step (keep_surplus)
+        self._next_gid = 0
+        self._stopping = False
+        self._cond: Optional[asyncio.Condition] = None
+
+    # ------------------------------------------------------------------ engine pool
+    async def _acquire(self, avoid: set) -> int:
+        """Index of the least-loaded healthy engine with a free slot, preferring ones not in ``avoid``."""
+        async with self._cond:
+            while True:
+                live = [i for i, ok in enumerate(self.healthy) if ok]
+                if not live:
+                    raise RolloutFailed("no healthy rollout engine left")
+                free = [i for i in live if self.in_flight[i] < self.max_concurrency]
+                if free:
+                    best = min(free, key=lambda i: (i in avoid, self.in_flight[i], i))
+                    self.in_flight[best] += 1
+                    return best
+                await self._cond.wait()
+
+    async def _release(self, idx: int) -> None:
+        async with self._cond:
+            self.in_flight[idx] -= 1
+            self._cond.notify_all()
+
+    async def _check_engine(self, idx: int, engine: RolloutEngine) -> None:
+        """After ``engine`` (at ``idx``) failed: keep it if healthy, else restart it or drop it.
+
+        Several requests may fail on the same engine at once; the per-index lock plus the identity
+        check make only the first of them probe, restart or drop it."""
+        async with self._check_locks[idx]:
+            if self.engines[idx] is not engine or not self.healthy[idx]:
+                return  # already replaced or already dropped by a concurrent failure
+            try:
+                ok = await asyncio.wait_for(engine.health(), _HEALTH_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - a health check that errors is a failed health check
+                ok = False
+            if not ok and self.restart_engine is not None:
+                replacement = await self.restart_engine(idx)
+                if replacement is not None:
+                    self.engines[idx], ok = replacement, True
+            async with self._cond:
+                self.healthy[idx] = ok
+                self._cond.notify_all()
+
+    # ------------------------------------------------------------------ one group
+    def _params_for(self, gid: int, attempt: int) -> SamplingParams:
+        # A distinct, reproducible seed per (group, attempt): engines started with the same seed
+        # must not produce identical groups for repeated prompts.
+        base = self.sampling.seed or 0
+        return self.sampling.with_seed((base * 1_000_003 + gid * 7_919 + attempt) % (2**31))
+
+    async def _generate_group(self, item: PromptItem, gid: int) -> Optional[Tuple[List[Completion], dict]]:
+        """The group's completions, retried across engines; None when the step stopped meanwhile."""
+        failed_on: set = set()
+        errors: List[str] = []
+        for attempt in range(self.max_retries + 1):
+            if self._stopping:
+                return None
+            idx = await self._acquire(failed_on)
+            engine = self.engines[idx]
+            try:
+                completions = await asyncio.wait_for(
+                    engine.generate(item.prompt_ids, self._params_for(gid, attempt), timeout_s=self.request_timeout_s),
+                    self.request_timeout_s,
+                )
+            except (EngineError, asyncio.TimeoutError, OSError) as e:
+                errors.append(f"engine {idx}: {type(e).__name__}: {e}")
+                failed_on.add(idx)
+                await self._release(idx)
+                self.stats.retries += 1
+                await self._check_engine(idx, engine)  # EngineDeadError included: a restart may bring it back
+                continue
+            await self._release(idx)
+            if self._stopping:
+                return None  # finished or aborted after the batch was full: never offered
+            if any(c.finish_reason == "abort" for c in completions):
+                errors.append(f"engine {idx}: aborted")  # not ours (the step is running): retry
+                self.stats.retries += 1
+                continue
+            return completions, {"group_id": gid, "engine": idx, "attempts": attempt + 1}
+        raise RolloutFailed(
+            f"group {gid} (prompt {item.prompt_index}) failed {self.max_retries + 1} times: " + "; ".join(errors)
+        )
+
+    def _score(self, item: PromptItem, completions: List[Completion], meta: dict) -> Group:
+        """Reward on the decoded text, plus the overlong penalty (on lengths in tokens)."""
+        enable, buffer_len, factor = self.overlong
+        lengths = [len(c.token_ids) for c in completions]
+        penalty = (
+            overlong_penalty(
+                lengths, max_response_len=self.max_response_len, buffer_len=buffer_len, penalty_factor=factor
+            ).tolist()
+            if enable
+            else [0.0] * len(completions)
+        )
+        samples = []
+        for c, pen in zip(completions, penalty):
+            res = self.reward_fn(self.decode(c.token_ids), item.ground_truth)
+            samples.append(
+                Sample(
+                    list(item.prompt_ids),
+                    list(c.token_ids),
+                    list(c.logprobs),
+                    c.finish_reason,
+                    weight_version=c.weight_version,
+                    score=float(res.score),
+                    acc=bool(res.acc),
+                    pred=res.pred,
+                    reward=float(res.score) + pen,
+                )
+            )
+        self.stats.tokens += sum(lengths)
+        return Group(item.prompt_index, item.ground_truth, samples, metadata={**item.metadata, **meta})
+
+    def metric_values(self, group: Group) -> List[float]:
+        key = {"acc": "acc", "score": "score", "seq_reward": "reward"}[self.filter_metric]
+        return [float(getattr(s, key)) for s in group.samples]
+
+    async def _run_group(self, item: PromptItem, gid: int) -> Optional[Group]:
+        out = await self._generate_group(item, gid)
+        if out is None:
+            return None
+        # Scoring may be slow (math-verify workers): keep it off the event loop.
+        return await asyncio.to_thread(self._score, item, *out)
+
+    # ------------------------------------------------------------------ one step
+    def _submit_round(self, prompt_source: Callable[[int], List[PromptItem]], tasks: Dict[asyncio.Task, int]) -> None:
+        items = prompt_source(self.gen_prompts_per_round)
+        if not items:
+            raise RolloutFailed("the prompt source returned no prompts")
+        for item in items:
+            gid, self._next_gid = self._next_gid, self._next_gid + 1
+            tasks[asyncio.ensure_future(self._run_group(item, gid))] = gid
+
+    async def run(self, prompt_source: Callable[[int], List[PromptItem]]) -> Tuple[List[Group], Dict[str, float]]:
+        """One step: ``acc.target_groups`` groups (ds/* metrics explain how many were generated)."""
+        self._cond, self._stopping, self.stats = asyncio.Condition(), False, _Stats()
+        self._check_locks = [asyncio.Lock() for _ in self.engines]
+        start = time.monotonic()
+        carried, self.carry = self.carry, []
+        for group in carried:  # surplus of the last step (keep_surplus) is offered first
+            self.acc.offer(group, self.metric_values(group))
+        tasks: Dict[asyncio.Task, int] = {}
+        accepted: set = set()
+        rounds_left = True
+        try:
+            while not self.acc.is_full:
+                if rounds_left and self.acc.kept + len(tasks) < self.acc.target_groups:
+                    # begin_round raises DynamicSamplingExhausted when out of rounds with "error";
+                    # False means out of rounds with "pad": finish what runs, then take() pads.
+                    rounds_left = self.acc.begin_round()
+                    if rounds_left:
+                        self._submit_round(prompt_source, tasks)
+                if not tasks:
+                    break
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                # Offer in submission order within one wake-up, so a run is reproducible.
+                for task in sorted(done, key=tasks.__getitem__):
+                    gid = tasks.pop(task)
+                    group = task.result()  # RolloutFailed propagates: the step cannot be completed
+                    if group is not None and gid not in accepted:
+                        accepted.add(gid)
+                        self.acc.offer(group, self.metric_values(group))
+        finally:
+            await self._stop(tasks)
+        batch = self.acc.take()
+        if self.keep_surplus:
+            self.carry.extend(self.acc.surplus)
+        return batch, self._metrics(batch, time.monotonic() - start)
+
+    async def _stop(self, tasks: Dict[asyncio.Task, int]) -> None:
+        """Abort what is still running; late results are discarded (or carried with keep_surplus)."""
+        self._stopping = True
+        if not tasks:
+            return
+        live = [e for e, ok in zip(self.engines, self.healthy) if ok]
+        await asyncio.gather(*(e.abort_all() for e in live), return_exceptions=True)
+        done, pending = await asyncio.wait(tasks, timeout=self.request_timeout_s)
+        for task in pending:
+            task.cancel()
+        self.stats.late_discarded = len(tasks)
+        for task in done:
+            if not task.cancelled() and task.exception() is None and task.result() is not None and self.keep_surplus:
+                self.carry.append(task.result())
+
+    def _metrics(self, batch: List[Group], elapsed: float) -> Dict[str, float]:
+        lengths = [len(s.response_ids) for g in batch for s in g.samples]
+        truncated = [s.truncated for g in batch for s in g.samples]
+        return {
+            **self.acc.last_metrics,
+            "rollout/generate_time_s": elapsed,
+            "rollout/tokens_per_s": self.stats.tokens / elapsed if elapsed > 0 else 0.0,
+            "rollout/response_len_mean": sum(lengths) / len(lengths) if lengths else 0.0,
+            "rollout/response_len_max": float(max(lengths, default=0)),
+            "rollout/truncation_rate": sum(truncated) / len(truncated) if truncated else 0.0,
+            "rollout/retries": float(self.stats.retries),
+            "rollout/aborted_groups": float(self.stats.late_discarded),
+            "rollout/healthy_engines": float(sum(self.healthy)),
+        }
+
+
+# ---------------------------------------------------------------------- debug seam
+def dump_groups(groups: Sequence[Group], path: str) -> None:
+    """One JSON object per line per group (samples as dicts): replay a step with :func:`load_groups`."""
+    with open(path, "w") as f:
+        for g in groups:
+            f.write(
+                json.dumps(
+                    {
+                        "prompt_index": g.prompt_index,
+                        "ground_truth": g.ground_truth,
+                        "metadata": g.metadata,
+                        "samples": [dataclasses.asdict(s) for s in g.samples],
+                    }
+                )
+                + "\n"
+            )
+
+
+def load_groups(path: str) -> List[Group]:
+    """Inverse of :func:`dump_groups` (Sample validation runs again on load)."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [
+        Group(r["prompt_index"], r["ground_truth"], [Sample(**s) for s in r["samples"]], r["metadata"]) for r in rows
+    ]
