@@ -1,0 +1,376 @@
+"""Every SGLang (and sglang-router) HTTP payload this project sends or reads, in one module.
+
+Pinned against SGLang ``v0.5.6.post2`` (commit 5c8bd8b, "bump SGLang version to 0.5.6.post2") and
+sglang-router ``0.3.2`` (sgl-model-gateway, "[smg] release 0.3.2"). Checked in those trees:
+
+* ``python/sglang/srt/entrypoints/http_server.py`` - routes, status codes, error body
+  ``{"error": {"message": ...}}`` with HTTP 400;
+* ``python/sglang/srt/managers/io_struct.py`` - ``GenerateReqInput`` (``input_ids``, ``sampling_params``
+  with ``n``, ``return_logprob``, ``rid``), ``AbortReq`` (``rid``, ``abort_all``),
+  ``PauseGenerationReqInput`` (``mode``: abort | retract | in_place), ``InitWeightsUpdateGroupReqInput``,
+  ``UpdateWeightsFromDistributedReqInput`` (``names``/``dtypes``/``shapes``, ``weight_version: str``),
+  ``UpdateWeightsFromTensorReqInput`` (``serialized_named_tensors``, ``load_format``),
+  ``Release/ResumeMemoryOccupationReqInput`` (``tags``);
+* ``python/sglang/srt/managers/tokenizer_manager.py`` - the generate response: ``output_ids`` and
+  ``meta_info`` with ``id``, ``finish_reason``, ``prompt_tokens``, ``completion_tokens``,
+  ``weight_version``, ``output_token_logprobs`` as ``[logprob, token_id, text|None]``; with ``n > 1``
+  on one prompt the body is a list of ``n`` such objects;
+* ``python/sglang/srt/managers/schedule_batch.py`` - finish reasons ``{"type": "stop", "matched": ..}``,
+  ``{"type": "length", "length": ..}``, ``{"type": "abort", "message", "status_code", "err_type"}``;
+* ``python/sglang/srt/weight_sync/tensor_bucket.py`` - the ``flattened_bucket`` layout (uint8 bytes,
+  per-tensor ``start_idx``/``end_idx``/``numel`` in bytes);
+* ``sgl-model-gateway/src/server.rs`` and ``protocols/{generate,sampling_params}.rs`` - the router.
+  It re-serialises ``/generate`` bodies through its own structs, so only fields it knows survive
+  (``rid`` must be a single string; floats pass as f32). It forwards ``/generate`` to one worker and
+  ``/flush_cache`` to all workers; it does **not** forward ``/abort_request``, pause/continue, weight
+  updates or memory release, so those go to each worker directly. Workers are added with
+  ``POST /workers {"url"}`` (202, ``{"status": "accepted", "worker_id", "url", "location"}``) and removed
+  with ``DELETE /workers/{worker_id}`` (a UUID).
+
+No SGLang code is imported here; these are plain dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from dapo_megatron.rollout.base import Completion, EngineError, SamplingParams
+
+SGLANG_VERSION = "0.5.6.post2"
+SGLANG_ROUTER_VERSION = "0.3.2"
+DEFAULT_GROUP_NAME = "weight_update_group"  # SGLang's default group_name
+
+Json = Dict[str, Any]
+
+
+class SGLangRequestError(EngineError):
+    """The server answered a request with an error body or a failure flag."""
+
+
+# ----------------------------------------------------------------------------- /generate
+def sampling_params_payload(params: SamplingParams) -> Json:
+    """``sampling_params`` of ``GenerateReqInput``. ``no_stop_trim`` keeps the stop token in the text
+    too (``output_ids`` always has it); ``skip_special_tokens=False`` so the text matches the ids."""
+    out: Json = {
+        "n": params.n,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "max_new_tokens": params.max_new_tokens,
+        "no_stop_trim": True,
+        "skip_special_tokens": False,
+    }
+    if params.stop_token_ids:
+        out["stop_token_ids"] = list(params.stop_token_ids)
+    if params.seed is not None:
+        out["sampling_seed"] = int(params.seed)
+    return out
+
+
+def generate_request(prompt_ids: Sequence[int], params: SamplingParams, *, rid: Optional[str] = None) -> Json:
+    """One prompt, ``params.n`` samples, output logprobs only (``logprob_start_len=-1``)."""
+    body: Json = {
+        "input_ids": [int(t) for t in prompt_ids],
+        "sampling_params": sampling_params_payload(params),
+        "return_logprob": True,
+        "logprob_start_len": -1,
+        "stream": False,
+    }
+    if rid is not None:
+        body["rid"] = rid
+    return body
+
+
+def parse_sampling_params(sp: Optional[Json]) -> SamplingParams:
+    """Server side: SGLang's ``sampling_params`` dict -> :class:`SamplingParams` (SGLang defaults)."""
+    sp = sp or {}
+    return SamplingParams(
+        n=int(sp.get("n", 1)),
+        temperature=float(sp.get("temperature", 1.0)),
+        top_p=float(sp.get("top_p", 1.0)),
+        top_k=int(sp.get("top_k", -1)),
+        max_new_tokens=int(sp.get("max_new_tokens", 128)),
+        stop_token_ids=tuple(sp.get("stop_token_ids") or ()),
+        seed=sp.get("sampling_seed"),
+    )
+
+
+@dataclass
+class ParsedGenerate:
+    """Server side view of a ``/generate`` body: ``prompts`` (one or a batch), shared params."""
+
+    prompts: List[List[int]]
+    params: SamplingParams
+    is_single: bool
+    rid: Optional[str]
+    return_logprob: bool
+
+
+def parse_generate_request(body: Json) -> ParsedGenerate:
+    """Accepts SGLang's ``input_ids`` shapes: ``[int, ...]`` (single) or ``[[int, ...], ...]`` (batch).
+    Text prompts and per-prompt sampling params are not supported by the embedded worker."""
+    ids = body.get("input_ids")
+    if not ids:
+        raise ValueError("input_ids must be a non-empty list (text prompts are not supported)")
+    single = isinstance(ids[0], int)
+    prompts = [list(ids)] if single else [list(p) for p in ids]
+    sp = body.get("sampling_params")
+    if isinstance(sp, list):
+        if any(s != sp[0] for s in sp):
+            raise ValueError("per-prompt sampling_params are not supported; send one dict")
+        sp = sp[0] if sp else {}
+    rid = body.get("rid")
+    return ParsedGenerate(
+        prompts,
+        parse_sampling_params(sp),
+        single,
+        rid if isinstance(rid, str) else None,
+        bool(body.get("return_logprob", False)),
+    )
+
+
+def finish_reason_json(reason: str, *, token_ids: Sequence[int], matched: Optional[int] = None) -> Json:
+    """SGLang's ``finish_reason`` object for ``"stop"`` / ``"length"`` / ``"abort"``."""
+    if reason == "stop":
+        return {"type": "stop", "matched": matched if matched is not None else (token_ids[-1] if token_ids else None)}
+    if reason == "length":
+        return {"type": "length", "length": len(token_ids)}
+    return {
+        "type": "abort",
+        "message": "Abort before prefill" if not token_ids else "Aborted",
+        "status_code": None,
+        "err_type": None,
+    }
+
+
+def generate_response_item(c: Completion, *, rid: str, prompt_tokens: int, return_logprob: bool) -> Json:
+    """One element of a ``/generate`` response, as SGLang's tokenizer manager builds it."""
+    meta: Json = {
+        "id": rid,
+        "finish_reason": finish_reason_json(c.finish_reason, token_ids=c.token_ids),
+        "prompt_tokens": prompt_tokens,
+        "weight_version": str(c.weight_version),
+        "completion_tokens": len(c.token_ids),
+        "cached_tokens": 0,
+    }
+    if return_logprob:
+        meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(c.logprobs, c.token_ids)]
+    return {"output_ids": list(c.token_ids), "meta_info": meta}
+
+
+def _version_int(value: Any) -> int:
+    """SGLang's ``weight_version`` is a string (default "default"); ours are stringified ints."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def parse_completion(item: Json) -> Completion:
+    """One response element -> :class:`Completion`. Raises :class:`SGLangRequestError` on an error
+    item or when logprobs are missing or do not line up with ``output_ids``."""
+    if "error" in item:
+        raise SGLangRequestError(f"sglang generate error: {item['error'].get('message')}")
+    meta = item["meta_info"]
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind not in ("stop", "length", "abort"):
+        raise SGLangRequestError(f"unexpected finish_reason {reason!r}")
+    token_ids = [int(t) for t in item["output_ids"]]
+    triples = meta.get("output_token_logprobs")
+    if triples is None:
+        raise SGLangRequestError("response has no output_token_logprobs; send return_logprob=true")
+    if [int(t[1]) for t in triples] != token_ids:
+        raise SGLangRequestError("output_token_logprobs token ids do not match output_ids")
+    return Completion(
+        token_ids,
+        [float(t[0]) for t in triples],
+        kind,
+        weight_version=_version_int(meta.get("weight_version")),
+        meta={"id": meta.get("id")},
+    )
+
+
+def parse_generate_response(body: Any, n: int) -> List[Completion]:
+    """A ``/generate`` body for one prompt with ``n`` samples (a dict when n == 1, else a list)."""
+    if isinstance(body, dict) and "error" in body:
+        raise SGLangRequestError(f"sglang generate error: {body['error'].get('message')}")
+    items = body if isinstance(body, list) else [body]
+    if len(items) != n:
+        raise SGLangRequestError(f"expected {n} completions, got {len(items)}")
+    return [parse_completion(it) for it in items]
+
+
+def error_response(message: str) -> Json:
+    """SGLang's error body (sent with HTTP 400)."""
+    return {"error": {"message": message}}
+
+
+def parse_success(body: Any, what: str) -> str:
+    """``{"success": bool, "message": str}`` bodies: the message, or raise on ``success: false``."""
+    if not isinstance(body, dict) or not body.get("success", False):
+        msg = body.get("message") if isinstance(body, dict) else body
+        raise SGLangRequestError(f"sglang {what} failed: {msg}")
+    return str(body.get("message", ""))
+
+
+# ----------------------------------------------------------------------------- control plane
+def abort_request(*, rid: Optional[str] = None, abort_all: bool = False) -> Json:
+    """``AbortReq``: one request id, or every request (``rid`` "" as SGLang defaults it)."""
+    return {"rid": rid or "", "abort_all": bool(abort_all)}
+
+
+def pause_generation(mode: str = "abort") -> Json:
+    """``PauseGenerationReqInput``: ``abort`` returns in-flight requests as aborted (the RL default),
+    ``retract`` re-queues them, ``in_place`` freezes them with their KV cache."""
+    if mode not in ("abort", "retract", "in_place"):
+        raise ValueError(f"pause mode must be abort, retract or in_place, got {mode!r}")
+    return {"mode": mode}
+
+
+def continue_generation() -> Json:
+    return {}
+
+
+def release_memory_occupation(tags: Optional[Sequence[str]] = None) -> Json:
+    """``tags``: subset of ``["weights", "kv_cache"]``; None releases both."""
+    return {"tags": list(tags) if tags is not None else None}
+
+
+def resume_memory_occupation(tags: Optional[Sequence[str]] = None) -> Json:
+    return {"tags": list(tags) if tags is not None else None}
+
+
+# ----------------------------------------------------------------------------- weight updates
+def init_weights_update_group(
+    *,
+    master_address: str,
+    master_port: int,
+    rank_offset: int,
+    world_size: int,
+    group_name: str = DEFAULT_GROUP_NAME,
+    backend: str = "nccl",
+) -> Json:
+    """``InitWeightsUpdateGroupReqInput``: the engine's TP ranks join as ``rank_offset + tp_rank``."""
+    return {
+        "master_address": master_address,
+        "master_port": int(master_port),
+        "rank_offset": int(rank_offset),
+        "world_size": int(world_size),
+        "group_name": group_name,
+        "backend": backend,
+    }
+
+
+def update_weights_from_distributed(
+    metas: Sequence[Any],
+    *,
+    version: int,
+    group_name: str = DEFAULT_GROUP_NAME,
+    flush_cache: bool = True,
+    abort_all_requests: bool = False,
+) -> Json:
+    """``UpdateWeightsFromDistributedReqInput`` for one bucket; ``metas`` are ``TensorMeta``-like
+    (``name``, ``dtype`` as "bfloat16", ``shape``), in the order the sender broadcasts them."""
+    return {
+        "names": [m.name for m in metas],
+        "dtypes": [m.dtype for m in metas],
+        "shapes": [list(m.shape) for m in metas],
+        "group_name": group_name,
+        "flush_cache": flush_cache,
+        "abort_all_requests": abort_all_requests,
+        "weight_version": str(int(version)),
+        "load_format": None,
+    }
+
+
+def parse_update_weights_from_distributed(body: Json) -> Tuple[list, Optional[str], str]:
+    """Server side: ``([(name, dtype, shape)], weight_version, group_name)``."""
+    names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ValueError(f"names/dtypes/shapes lengths differ: {len(names)}, {len(dtypes)}, {len(shapes)}")
+    return (
+        list(zip(names, dtypes, [tuple(s) for s in shapes])),
+        body.get("weight_version"),
+        body.get("group_name", DEFAULT_GROUP_NAME),
+    )
+
+
+@dataclass(frozen=True)
+class FlatMeta:
+    """Where one tensor lives in a flattened bucket (byte offsets; SGLang's FlattenedTensorMetadata)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+def flatten_bucket(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[torch.Tensor, List[FlatMeta]]:
+    """Concatenate the raw bytes of every tensor (mixed dtypes allowed) -> ``(uint8 [total], metas)``."""
+    if not named_tensors:
+        raise ValueError("cannot flatten an empty bucket")
+    parts, metas, offset = [], [], 0
+    for name, t in named_tensors:
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        metas.append(FlatMeta(name, tuple(t.shape), t.dtype, offset, offset + raw.numel(), raw.numel()))
+        parts.append(raw)
+        offset += raw.numel()
+    return torch.cat(parts), metas
+
+
+def unflatten_bucket(flat: torch.Tensor, metas: Sequence[Any]) -> List[Tuple[str, torch.Tensor]]:
+    """Inverse of :func:`flatten_bucket` (views into ``flat``)."""
+    return [(m.name, flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape)) for m in metas]
+
+
+def update_weights_from_tensor(
+    named_tensors: Sequence[Tuple[str, torch.Tensor]],
+    *,
+    version: int,
+    tp_size: int,
+    serialize: Callable[[Dict[str, Any]], str],
+    flush_cache: bool = True,
+    abort_all_requests: bool = False,
+) -> Json:
+    """``UpdateWeightsFromTensorReqInput`` with ``load_format="flattened_bucket"`` (colocated engines).
+
+    ``serialize`` turns ``{"flattened_tensor": uint8 tensor, "metadata": [FlatMeta]}`` into the string
+    the engine deserialises: in production SGLang's ``MultiprocessingSerializer.serialize(obj,
+    output_str=True)`` (base64 of a ForkingPickler pickle, which shares CUDA memory by IPC handle) with
+    the metadata converted to SGLang's own ``FlattenedTensorMetadata`` (its unpickler only admits
+    SGLang classes). One copy per TP rank. The flattened tensor must stay alive and unmodified until
+    the POST returns: the engine reads the trainer's memory through the handle.
+    """
+    flat, metas = flatten_bucket(named_tensors)
+    payload = serialize({"flattened_tensor": flat, "metadata": metas})
+    return {
+        "serialized_named_tensors": [payload for _ in range(tp_size)],
+        "load_format": "flattened_bucket",
+        "flush_cache": flush_cache,
+        "abort_all_requests": abort_all_requests,
+        "weight_version": str(int(version)),
+    }
+
+
+# ----------------------------------------------------------------------------- sglang-router
+def router_add_worker(url: str) -> Json:
+    """``POST /workers`` body (router 0.3.x; the old ``/add_worker`` is gone)."""
+    return {"url": url}
+
+
+def parse_router_add_worker(body: Json) -> str:
+    """The router's worker id (a UUID) from the 202 answer to ``POST /workers``."""
+    if body.get("status") != "accepted" or not body.get("worker_id"):
+        raise SGLangRequestError(f"router refused the worker: {body}")
+    return str(body["worker_id"])
+
+
+def parse_router_workers(body: Json) -> Dict[str, Json]:
+    """``GET /workers`` -> ``{url: worker_info}`` (info has ``id``, ``is_healthy``, ...)."""
+    return {w["url"]: w for w in body.get("workers", [])}

@@ -1,0 +1,153 @@
+"""SGLang payload shapes against fixtures written from the pinned SGLang / sglang-router sources."""
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from dapo_megatron.rollout import sglang_api as api
+from dapo_megatron.rollout.base import SamplingParams
+from dapo_megatron.rollout.sglang import _buckets, launch_sglang_server
+from dapo_megatron.weights.transports import TensorMeta
+
+FIX = pathlib.Path(__file__).parent / "rollout_fixtures"
+REQ = json.loads((FIX / "sglang_requests.json").read_text())
+RESP = json.loads((FIX / "sglang_responses.json").read_text())
+
+
+def test_pinned_version():
+    assert api.SGLANG_VERSION == "0.5.6.post2" and api.SGLANG_ROUTER_VERSION == "0.3.2"
+
+
+def test_generate_request_exact():
+    params = SamplingParams(n=4, temperature=0.9, top_p=0.95, top_k=20, max_new_tokens=8, stop_token_ids=(2,), seed=7)
+    assert api.generate_request([1, 2, 3], params, rid="req-1") == REQ["generate"]
+    # and the server side reads back the same parameters
+    parsed = api.parse_generate_request(REQ["generate"])
+    assert parsed.params == params and parsed.prompts == [[1, 2, 3]] and parsed.is_single and parsed.rid == "req-1"
+
+
+def test_generate_request_without_seed_or_stops_omits_them():
+    sp = api.generate_request([1], SamplingParams())["sampling_params"]
+    assert "sampling_seed" not in sp and "stop_token_ids" not in sp
+
+
+def test_parse_batch_and_sglang_defaults():
+    parsed = api.parse_generate_request({"input_ids": [[1, 2], [3]], "sampling_params": [{"n": 2}, {"n": 2}]})
+    assert not parsed.is_single and parsed.prompts == [[1, 2], [3]]
+    assert parsed.params.max_new_tokens == 128 and parsed.params.n == 2  # SGLang's default max_new_tokens
+    with pytest.raises(ValueError, match="input_ids"):
+        api.parse_generate_request({"text": "hello"})
+
+
+def test_control_payloads_exact():
+    assert api.abort_request(abort_all=True) == REQ["abort_all"]
+    assert api.abort_request(rid="req-1") == REQ["abort_one"]
+    assert api.pause_generation() == REQ["pause_generation"]
+    assert api.continue_generation() == REQ["continue_generation"]
+    assert api.release_memory_occupation() == REQ["release_memory_occupation"]
+    assert api.resume_memory_occupation(["weights"]) == REQ["resume_memory_occupation"]
+    assert api.router_add_worker("http://10.0.0.2:30010") == REQ["router_add_worker"]
+    with pytest.raises(ValueError):
+        api.pause_generation("freeze")
+
+
+def test_weight_payloads_exact():
+    assert (
+        api.init_weights_update_group(master_address="10.0.0.1", master_port=29600, rank_offset=1, world_size=3)
+        == REQ["init_weights_update_group"]
+    )
+    metas = [
+        TensorMeta("model.embed_tokens.weight", "bfloat16", (128, 64)),
+        TensorMeta("model.norm.weight", "float32", (64,)),
+    ]
+    body = api.update_weights_from_distributed(metas, version=12)
+    assert body == REQ["update_weights_from_distributed"]
+    got, version, group = api.parse_update_weights_from_distributed(body)
+    assert got == [(m.name, m.dtype, m.shape) for m in metas] and version == "12" and group == "weight_update_group"
+
+
+def test_update_weights_from_tensor_flattened_bucket():
+    named = [
+        ("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)),
+        ("b", torch.tensor([1, 2], dtype=torch.bfloat16)),
+    ]
+    seen = {}
+
+    def serialize(obj):
+        seen.update(obj)
+        return "<serialized>"
+
+    body = api.update_weights_from_tensor(named, version=3, tp_size=2, serialize=serialize)
+    assert body == REQ["update_weights_from_tensor"]
+    flat, metas = seen["flattened_tensor"], seen["metadata"]
+    assert flat.dtype == torch.uint8 and flat.numel() == 6 * 4 + 2 * 2
+    assert [(m.name, m.start_idx, m.end_idx, m.numel, m.shape) for m in metas] == [
+        ("a", 0, 24, 24, (2, 3)),
+        ("b", 24, 28, 4, (2,)),
+    ]
+    for (n0, t0), (n1, t1) in zip(named, api.unflatten_bucket(flat, metas)):
+        assert n0 == n1 and t1.dtype == t0.dtype and torch.equal(t0, t1)
+
+
+def test_parse_generate_single_stop():
+    [c] = api.parse_generate_response(RESP["generate_single_stop"], 1)
+    assert c.token_ids == [17, 2] and c.logprobs == [-0.25, -1.5] and c.finish_reason == "stop"
+    assert c.weight_version == 5
+
+
+def test_parse_generate_length_and_abort():
+    a, b = api.parse_generate_response(RESP["generate_n2_length_and_abort"], 2)
+    assert (a.finish_reason, a.token_ids, a.logprobs) == ("length", [4, 5, 6], [-1.0, -2.0, -3.0])
+    assert (b.finish_reason, b.token_ids) == ("abort", [9])
+    assert a.weight_version == 0  # SGLang's "default" version string
+
+
+def test_parse_errors():
+    with pytest.raises(api.SGLangRequestError, match="context length"):
+        api.parse_generate_response(RESP["generate_error_400"], 1)
+    with pytest.raises(api.SGLangRequestError, match="output_token_logprobs"):
+        api.parse_generate_response(RESP["generate_missing_logprobs"], 1)
+    with pytest.raises(api.SGLangRequestError, match="expected 3 completions"):
+        api.parse_generate_response(RESP["generate_n2_length_and_abort"], 3)
+    bad = json.loads(json.dumps(RESP["generate_single_stop"]))
+    bad["output_ids"] = [17, 3]
+    with pytest.raises(api.SGLangRequestError, match="do not match"):
+        api.parse_generate_response(bad, 1)
+
+
+def test_parse_success_and_router_bodies():
+    assert "Succeeded" in api.parse_success(RESP["update_weights_ok"], "update")
+    assert "Succeeded" in api.parse_success(RESP["init_weights_update_group_ok"], "init")
+    with pytest.raises(api.SGLangRequestError, match="shape mismatch"):
+        api.parse_success(RESP["update_weights_failed"], "update")
+    assert api.parse_router_add_worker(RESP["router_add_worker_202"]) == "a486d365-2db1-4ebe-9151-d3e1fccef489"
+    workers = api.parse_router_workers(RESP["router_workers"])
+    assert workers["http://127.0.0.1:56469"]["is_healthy"] is True
+
+
+def test_worker_response_item_round_trips_through_parser():
+    from dapo_megatron.rollout.base import Completion
+
+    for reason in ("stop", "length", "abort"):
+        c = Completion([5, 6], [-0.1, -0.2], reason, weight_version=4)
+        item = api.generate_response_item(c, rid="r", prompt_tokens=3, return_logprob=True)
+        assert item["meta_info"]["finish_reason"]["type"] == reason
+        assert api.parse_completion(item).token_ids == [5, 6] and api.parse_completion(item).weight_version == 4
+
+
+def test_launch_command_and_buckets():
+    argv = launch_sglang_server("/models/q", port=30010, tp=2, mem_fraction_static=0.6, enable_memory_saver=True)
+    assert argv[:3] == ["python", "-m", "sglang.launch_server"]
+    for flag, value in (
+        ("--model-path", "/models/q"),
+        ("--tp-size", "2"),
+        ("--port", "30010"),
+        ("--mem-fraction-static", "0.6"),
+    ):
+        assert argv[argv.index(flag) + 1] == value
+    assert "--enable-memory-saver" in argv
+    named = [(str(i), torch.zeros(10)) for i in range(5)]  # 40 bytes each
+    assert [[n for n, _ in b] for b in _buckets(named, 100)] == [["0", "1"], ["2", "3"], ["4"]]
+    assert [[n for n, _ in b] for b in _buckets([("big", torch.zeros(100))], 10)] == [["big"]]
