@@ -1,0 +1,89 @@
+"""Child processes for engines and the router: free ports, bounded readiness waits, stop by PID.
+
+Processes are only ever stopped through the ``Popen`` handle we started (SIGTERM, then SIGKILL after a
+bounded wait), never by name, so nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now (bind to port 0). Another process may still take it
+    before we bind it; callers start the server promptly and fail loudly if it cannot bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http_ok(url: str, *, timeout_s: float, proc: Optional[subprocess.Popen] = None, poll_s: float = 0.1) -> None:
+    """Poll ``GET url`` until it answers 200. Raises ``TimeoutError`` after ``timeout_s``, or
+    ``RuntimeError`` at once if ``proc`` exits meanwhile (a crashed server never becomes ready)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before {url} was ready")
+            try:
+                r = client.get(url)
+                if r.status_code == 200:
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as e:
+                last = type(e).__name__
+            time.sleep(poll_s)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s (last: {last})")
+
+
+def start_process(
+    argv: Sequence[str], *, log_path: Optional[str] = None, env: Optional[dict] = None
+) -> subprocess.Popen:
+    """Start ``argv`` in its own session (so a terminal's Ctrl-C does not hit it twice); stdout and
+    stderr go to ``log_path`` (appended) or nowhere. The child keeps its own copy of the file handle."""
+    full_env = {**os.environ, **(env or {})}
+    if log_path is None:
+        return subprocess.Popen(
+            list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=full_env, start_new_session=True
+        )
+    with open(log_path, "a") as log:
+        return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen, *, timeout_s: float = 10.0) -> Optional[int]:
+    """SIGTERM the process we started, SIGKILL it if still alive after ``timeout_s``; its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+    return proc.returncode
+
+
+def embedded_worker_argv(*, host: str, port: int, model_config: str, seed: int, dtype: str = "float32") -> List[str]:
+    """Command line of an embedded worker process (:mod:`dapo_megatron.rollout.worker`)."""
+    return [
+        sys.executable,
+        "-m",
+        "dapo_megatron.rollout.worker",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--model-config",
+        model_config,
+        "--seed",
+        str(seed),
+        "--dtype",
+        dtype,
+    ]
