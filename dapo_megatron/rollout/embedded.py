@@ -138,6 +138,16 @@ class EmbeddedEngine:
     def weight_version(self) -> int:
         return self._version
 
+    @property
+    def abort_epoch(self) -> int:
+        """Bumped by every :meth:`abort_all_sync`; pass the value read at request arrival as ``epoch``."""
+        return self._abort_epoch
+
+    @property
+    def busy(self) -> bool:
+        """A decode loop or a weight load is running right now."""
+        return self._lock.locked()
+
     def _default_seed(self) -> int:
         self._requests += 1
         return (self.seed * 1_000_003 + self._requests) % (2**63)

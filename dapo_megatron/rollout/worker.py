@@ -76,7 +76,7 @@ def _add_generate_routes(app: FastAPI, state: _WorkerState) -> None:
         cancel = threading.Event()
         state.cancels[rid] = cancel
         # Read the abort epoch before queueing so an abort_all issued while we wait applies to us.
-        epoch = engine._abort_epoch
+        epoch = engine.abort_epoch
         try:
             results = await asyncio.to_thread(engine.generate_sync, req.prompts, req.params, cancel=cancel, epoch=epoch)
         except Exception as e:  # noqa: BLE001 - any engine failure is a 400 with SGLang's error body
@@ -178,7 +178,7 @@ def _add_info_routes(app: FastAPI, state: _WorkerState) -> None:
         # Like SGLang: when busy, the running requests prove liveness; when idle, generate one token.
         if not await engine.health():
             return Response(status_code=503)
-        if not engine._lock.locked():
+        if not engine.busy:
             from dapo_megatron.rollout.base import SamplingParams
 
             await asyncio.to_thread(engine.generate_sync, [[0]], SamplingParams(max_new_tokens=1))
