@@ -155,3 +155,25 @@ def test_hf_shapes_follow_the_spec():
     assert s["model.layers.0.mlp.down_proj.weight"] == (8, 12)
     assert s["model.embed_tokens.weight"] == (10, 8)
     assert len(s) == 3 + 12  # embed, norm, lm_head + 12 per layer (qkv bias, no qk norm)
+
+
+def test_hf_to_megatron_streams_with_a_bounded_number_of_live_tensors():
+    import gc
+    import weakref
+
+    spec = Spec(num_layers=6)
+    shapes = M.hf_shapes(spec)
+    alive, peak = set(), [0]
+
+    def getter(name):
+        t = torch.randn(shapes[name])
+        alive.add(id(t))
+        weakref.finalize(t, alive.discard, id(t))
+        return t
+
+    for _name, _tensor in M.hf_to_megatron(spec, getter, padded_vocab=16):
+        gc.collect()
+        peak[0] = max(peak[0], len(alive))
+    # At most the inputs of one item (q, k, v) are alive while its output is consumed.
+    assert peak[0] <= 3
+    assert len(shapes) > 3 * 6

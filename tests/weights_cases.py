@@ -6,6 +6,7 @@ Every ``*_case(rank, world_size, ...)`` runs inside :func:`tests.distributed_har
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -15,7 +16,7 @@ import torch
 # (model_type, GQA ratio, tied, vocab): vocab 250 is not a multiple of 128, so it needs padding.
 TINY_CASES = {
     "qwen2_gqa2_untied": dict(model_type="qwen2", heads=4, kv_heads=2, tied=False, vocab=250),
-    "qwen3_gqa4_tied": dict(model_type="qwen3", heads=4, kv_heads=1, tied=True, vocab=256),
+    "qwen3_gqa4_tied": dict(model_type="qwen3", heads=8, kv_heads=2, tied=True, vocab=256),
     "llama_gqa1_untied": dict(model_type="llama", heads=4, kv_heads=4, tied=False, vocab=250),
 }
 
@@ -68,6 +69,57 @@ def hf_state_dict(folder: str) -> Dict[str, torch.Tensor]:
 
     with HFReader(folder) as r:
         return {n: r.get(n) for n in r.names()}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tool(*args: str, timeout: float = 300):
+    """Run a tools/ script in a fresh interpreter; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO / "tools" / args[0]), *args[1:], "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def prepare_models(root: Path) -> Dict[str, Dict[str, str]]:
+    """For every tiny case: HF folder -> (CLI) megatron checkpoint -> (CLI) HF export, under ``root``.
+
+    Idempotent (a finished case is reused), so several test modules share one preparation per
+    session. Returns ``{case: {"hf": .., "ckpt": .., "export": ..}}``.
+    """
+    out = {}
+    for case in TINY_CASES:
+        paths = {k: str(root / case / k) for k in ("hf", "ckpt", "export")}
+        if not Path(paths["export"]).is_dir():
+            make_tiny_hf_model(paths["hf"], case)
+            for cmd in (
+                ("convert_hf_to_megatron.py", "--hf-dir", paths["hf"], "--out", paths["ckpt"], "--dtype", "float32"),
+                (
+                    "convert_megatron_to_hf.py",
+                    "--ckpt",
+                    paths["ckpt"],
+                    "--hf-dir",
+                    paths["hf"],
+                    "--out",
+                    paths["export"],
+                ),
+            ):
+                done = run_tool(*cmd)
+                assert done.returncode == 0, done.stderr[-3000:]
+        out[case] = paths
+    return out
+
+
+def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    """Reference logits from transformers (eager attention, fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens).logits
 
 
 # ----------------------------------------------------------------------------- broadcast transport
@@ -170,6 +222,24 @@ def load_model_part(chunks, ckpt: str) -> None:
             c.load_state_dict(loaded[f"model{i}"])
 
 
+def _save_model_part(chunks, path: str) -> str:
+    """The weights part of ``checkpoint.save_checkpoint``: ``{"model<i>": sharded_state_dict}``."""
+    import multiprocessing
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    # The harness starts ranks as daemon processes, and megatron's save starts a (spawned) queue
+    # manager, which daemon processes may not do; the flag only matters for that check.
+    multiprocessing.current_process().daemon = False
+    if dist.get_rank() == 0:
+        os.makedirs(path)
+    dist.barrier()
+    dist_checkpointing.save({f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}, path)
+    dist.barrier()
+    return path
+
+
 def forward_logits(chunks, tokens: torch.Tensor, vocab: int):
     """Full-vocab logits ``[b, s, vocab]`` on the last stage's ranks, None elsewhere (PP by hand,
     no VPP): stage 0 sends its hidden states ``[s, b, h]`` to stage 1 of the same TP rank."""
@@ -206,39 +276,57 @@ def _reshard(chunks, spec, topology, max_bytes: int):
     return {"names": [n for n, _ in named], "state": dict(named), "buckets": sizes}
 
 
-def layouts_case(rank: int, world_size: int, ckpt: str, hf_config: dict, layouts: list, tokens: torch.Tensor) -> bytes:
-    """For each ``(tp, pp, vpp, what)`` layout: build, load ``ckpt``, then ``what`` in
-    {"logits", "reshard"}. Parallel state is rebuilt between layouts; the default group stays."""
+def layouts_case(rank: int, world_size: int, jobs: list, tokens: torch.Tensor) -> bytes:
+    """For each job ``(ckpt, hf_config, [(tp, pp, vpp, what), ...])`` and each layout: build, load
+    ``ckpt``, then ``what`` in {"logits", "reshard"}. Parallel state is rebuilt between layouts;
+    the default group stays. Returns ``results[job][layout]``."""
     from megatron.core import parallel_state
 
     from dapo_megatron.megatron.model import model_spec_from_hf
     from dapo_megatron.parallel.init import init_distributed, shutdown
 
     init_distributed()
-    spec = model_spec_from_hf(hf_config)
     results = []
-    for tp, pp, vpp, what in layouts:
-        topology = _init_layout(world_size, tp, pp, vpp)
-        chunks = _build(spec, topology)
-        load_model_part(chunks, ckpt)
-        if what == "logits":
-            results.append(forward_logits(chunks, tokens, spec.vocab_size))
-        else:
-            results.append(_reshard(chunks, spec, topology, max_bytes=40_000))
+    for ckpt, hf_config, layouts in jobs:
+        spec = model_spec_from_hf(hf_config)
+        per_job = []
+        for tp, pp, vpp, what in layouts:
+            topology = _init_layout(world_size, tp, pp, vpp)
+            chunks = _build(spec, topology)
+            load_model_part(chunks, ckpt)
+            if what == "logits":
+                per_job.append(forward_logits(chunks, tokens, spec.vocab_size))
+            elif what.startswith("save:"):  # re-save as a training run at this layout would
+                per_job.append(_save_model_part(chunks, what[len("save:") :]))
+            else:
+                per_job.append(_reshard(chunks, spec, topology, max_bytes=40_000))
+            parallel_state.destroy_model_parallel()
+        results.append(per_job)
+    shutdown()
+    return as_bytes(results)
+
+
+def pure_mapping_case(rank: int, world_size: int, hf_dirs: list, tokens: torch.Tensor) -> bytes:
+    """World of one: load HF weights into a TP1 model through ``hf_to_megatron`` only (no checkpoint);
+    per folder, the logits, the state-dict shape check and the load_state_dict leftovers."""
+    from megatron.core import parallel_state
+
+    from dapo_megatron.parallel.init import init_distributed, shutdown
+
+    init_distributed()
+    results = []
+    for hf_dir in hf_dirs:
+        results.append(_pure_mapping_one(hf_dir, tokens))
         parallel_state.destroy_model_parallel()
     shutdown()
     return as_bytes(results)
 
 
-def pure_mapping_case(rank: int, world_size: int, hf_dir: str, tokens: torch.Tensor) -> bytes:
-    """World of one: load HF weights into a TP1 model through ``hf_to_megatron`` only (no checkpoint);
-    return the logits, the state-dict shape check and the load_state_dict leftovers."""
+def _pure_mapping_one(hf_dir: str, tokens: torch.Tensor) -> dict:
     from dapo_megatron.megatron.model import model_spec_from_hf, padded_vocab_size
-    from dapo_megatron.parallel.init import init_distributed, shutdown
     from dapo_megatron.weights import mapping
     from dapo_megatron.weights.hf_io import HFReader
 
-    init_distributed()
     spec = model_spec_from_hf(hf_dir)
     (model,) = _build(spec, _init_layout(1, 1, 1))
     rows = padded_vocab_size(spec.vocab_size, 1)
@@ -252,5 +340,80 @@ def pure_mapping_case(rank: int, world_size: int, hf_dir: str, tokens: torch.Ten
         "unexpected": list(result.unexpected_keys),
         "logits": forward_logits([model], tokens, spec.vocab_size),
     }
-    shutdown()
-    return as_bytes(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- memory bound
+MEDIUM = dict(
+    model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=4096, hidden_size=512,
+    intermediate_size=1536, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2,
+    max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+    rope_theta=10000.0, torch_dtype="float32",
+)  # fmt: skip
+
+
+def make_medium_hf_model(folder: str) -> int:
+    """~310 MB fp32 model written tensor by tensor (never whole in memory); returns its bytes."""
+    from dapo_megatron.megatron.model import model_spec_from_hf
+    from dapo_megatron.weights import mapping
+    from dapo_megatron.weights.hf_io import write_hf_folder
+
+    shapes = mapping.hf_shapes(model_spec_from_hf(MEDIUM))
+    g = torch.Generator().manual_seed(0)
+    write_hf_folder(folder, ((n, torch.randn(s, generator=g)) for n, s in shapes.items()), config=MEDIUM,
+                    max_shard_bytes=64 * 1024**2)  # fmt: skip
+    return sum(4 * torch.Size(s).numel() for s in shapes.values())
+
+
+# Run in a fresh interpreter: converts while a thread samples the anonymous (non-file) proportional
+# resident memory of this process and its forked children (megatron's save forks tensor writers),
+# and prints the peak growth over the level just before the conversion. Spawned helpers (a queue
+# manager, the resource tracker) are fresh interpreters whose size does not depend on the model.
+MEMORY_PROBE = r"""
+import importlib.util, sys, threading, time, psutil
+
+
+def anon():
+    total = 0
+    procs = [psutil.Process()]
+    try:
+        procs += psutil.Process().children(recursive=True)
+    except psutil.Error:
+        pass
+    for p in procs:
+        try:
+            if "--multiprocessing-fork" in p.cmdline() or "resource_tracker" in " ".join(p.cmdline()):
+                continue  # spawned helpers (queue manager, tracker): fresh interpreters, never given tensors
+            # Pss_Anon: forked writers share the parent's pages copy-on-write; PSS counts them once.
+            with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("Pss_Anon:")) * 1024
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def main():
+    spec = importlib.util.spec_from_file_location("conv", sys.argv[1])
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    import megatron.core.dist_checkpointing  # import cost is not the conversion's
+
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], anon())
+            time.sleep(0.002)
+
+    base = anon()
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    conv.convert(sys.argv[2], sys.argv[3], "float32", progress=False)
+    stop.set()
+    t.join()
+    print("PEAK_GROWTH", peak[0] - base)
+
+
+if __name__ == "__main__":
+    main()
+"""
