@@ -1,0 +1,469 @@
+"""The Megatron actor: log-probs, DAPO updates and supervised updates on megatron-core.
+
+One :class:`MegatronActor` lives on every trainer rank (SPMD). Every public method is collective:
+all ranks call it with the same full batch (rank 0 broadcasts it first, see
+:func:`dapo_megatron.megatron.batching.broadcast_batch`) and all ranks return the same result.
+
+Path of one update (architecture habit 3: loop -> ``train_step`` -> schedule -> ``algo`` loss)::
+
+    plan_minibatches          rows of this DP rank, equal micro-batch count, global denominators
+    get_forward_backward_func megatron's (pipelined) schedule over the micro-batches
+      forward_step            GPTModel -> logits shard [b, t, V/tp]
+      loss_func               token_logprobs_and_entropy -> policy_loss -> aggregate_loss
+                              -> scale_loss (the one loss-scaling function)
+    finalize_model_grads      DDP grad all-reduce over DP (x 1/dp), embedding/PP syncs
+    NaN/inf guard, optimizer.step(), scheduler.step()
+
+Shapes follow :mod:`dapo_megatron.types`: batch tensors ``[B, T]`` target-aligned; log-prob and
+entropy of position ``t`` come from the logits at ``t - 1``; position 0 and padding get 0.
+
+Not supported here: context parallelism (CP > 1 needs per-rank sequence slicing of the batch);
+the constructor refuses it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from functools import partial
+from typing import Any, Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from dapo_megatron.algo.policy_loss import aggregate_loss, policy_loss
+from dapo_megatron.algo.tis import tis_weights
+from dapo_megatron.config import AlgoConfig, ModelConfig, OptimConfig, TrainConfig
+from dapo_megatron.megatron.batching import MicroBatch, MiniBatchPlan, pad_microbatch, plan_minibatches
+from dapo_megatron.megatron.loss_scaling import CALCULATE_PER_TOKEN_LOSS, scale_loss
+from dapo_megatron.megatron.optim import build_optimizer
+from dapo_megatron.types import TrainBatch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Sums reduced over DP and PP after every update (order is the wire format of the all-reduce).
+_SUM_KEYS = (
+    "loss", "pg_loss", "entropy_sum", "clip_high_sum", "clip_low_sum", "dual_clip_sum",
+    "approx_kl_sum", "ratio_sum", "num_tokens",
+)  # fmt: skip
+
+
+def check_actor_support(topology: Any, model_cfg: ModelConfig) -> None:
+    """Raise a clear error for settings this actor cannot run, before any model is built."""
+    if getattr(topology, "cp", 1) > 1:
+        raise NotImplementedError("MegatronActor: context parallelism (parallel.context > 1) is not supported yet")
+    if model_cfg.fp8 is not None:
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise RuntimeError(
+                f"model.fp8={model_cfg.fp8!r} needs NVIDIA Transformer Engine, which is not installed; "
+                "install transformer_engine (GPU only) or set model.fp8=null"
+            )
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"model.fp8={model_cfg.fp8!r} needs CUDA; no GPU is visible")
+
+
+class MegatronActor:
+    """Megatron model chunks + DDP + optimizer + scheduler for one trainer rank.
+
+    Args:
+        spec: :class:`dapo_megatron.megatron.model.ModelSpec` of the architecture.
+        topology: :class:`dapo_megatron.parallel.topology.Topology`; megatron's parallel state must
+            already be initialised to it (``parallel.init.init_model_parallel``).
+        model_cfg / optim_cfg / train_cfg / algo_cfg: the sub-configs.
+        max_response_len: L_max, used by the ``seq-mean-token-sum-norm`` aggregation.
+        total_steps: rollout steps of the run (the lr decay horizon).
+        prompts_per_step: prompt groups per rollout step; with ``train_cfg.ppo_mini_batch_size``
+            and ``ppo_epochs`` it gives the updates per step.
+        group_size: responses per prompt (G); informational (batches carry ``seq_group``).
+        use_distributed_optimizer: shard optimizer state over DP (``parallel.use_distributed_optimizer``).
+    """
+
+    def __init__(
+        self,
+        spec: Any,
+        topology: Any,
+        *,
+        model_cfg: ModelConfig,
+        optim_cfg: OptimConfig,
+        train_cfg: TrainConfig,
+        algo_cfg: AlgoConfig,
+        max_response_len: int,
+        total_steps: int,
+        prompts_per_step: int,
+        group_size: int,
+        use_distributed_optimizer: bool = False,
+    ) -> None:
+        check_actor_support(topology, model_cfg)  # before any import of megatron or model build
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        from dapo_megatron.megatron.model import build_model_chunks
+
+        self.spec, self.topology = spec, topology
+        self.model_cfg, self.optim_cfg, self.train_cfg, self.algo_cfg = model_cfg, optim_cfg, train_cfg, algo_cfg
+        self.max_response_len, self.group_size = max_response_len, group_size
+        self.params_dtype = _DTYPES[model_cfg.params_dtype]
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        chunks = build_model_chunks(spec, topology, model_cfg)
+        self._chunks = list(chunks)
+        self._fixed_shapes = topology.vpp > 1
+        self._configure_schedule(self._chunks[0].config)
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
+        )
+        self._ddp = [
+            DistributedDataParallel(c.config, ddp_cfg, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)
+        ]
+        updates = math.ceil(prompts_per_step / train_cfg.ppo_mini_batch_size) * train_cfg.ppo_epochs
+        self._opt = build_optimizer(
+            self._ddp,
+            optim_cfg,
+            params_dtype=self.params_dtype,
+            use_distributed_optimizer=use_distributed_optimizer,
+            total_updates=max(1, total_steps * updates),
+            updates_per_step=updates,
+        )
+        self._ps = ps
+        self.skipped_updates_total = 0
+        self.updates_applied = 0  # optimizer steps taken (checkpoint.py: optimizer state exists iff > 0)
+        self.rng_restored = False  # set by checkpoint.load_checkpoint
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model_chunks(self) -> List[Any]:
+        """The unwrapped GPTModels of this rank, one per virtual pipeline stage."""
+        return self._chunks
+
+    @property
+    def ddp_chunks(self) -> List[Any]:
+        return self._ddp
+
+    @property
+    def optimizer(self) -> Any:
+        return self._opt.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self._opt.scheduler
+
+    # ------------------------------------------------------------------ setup helpers
+    def _configure_schedule(self, config: Any) -> None:
+        """Settings of the shared TransformerConfig that the schedule reads at run time."""
+        from megatron.core.distributed import finalize_model_grads
+
+        config.finalize_model_grads_func = finalize_model_grads
+        config.calculate_per_token_loss = CALCULATE_PER_TOKEN_LOSS  # loss_scaling.py assumes it
+        # Micro-batches are trimmed to their own length, so PP must exchange tensor shapes -- except
+        # with the interleaved schedule (VPP > 1). There megatron 0.16's shape exchange breaks: at
+        # PP=2 (previous stage == next stage) it posts two same-direction messages to one peer in an
+        # order the receiver does not mirror, so activation and grad shapes get swapped; at PP=4 it
+        # deadlocked against the unbatched tensor exchange (both seen on gloo). So with VPP all
+        # micro-batches of a schedule call are padded to one shape, and p2p is unbatched (it orders
+        # sends/recvs by rank parity, exact also when prev == next).
+        config.variable_seq_lengths = not self._fixed_shapes
+        if self._fixed_shapes:
+            config.batch_p2p_comm = False
+
+    def _dp(self) -> tuple:
+        ps = self._ps
+        return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_group()
+
+    def _plans(self, batch: TrainBatch, old_logprobs, prompts_per_update) -> List[MiniBatchPlan]:
+        dp_rank, dp_size, _ = self._dp()
+        return plan_minibatches(
+            batch,
+            old_logprobs=old_logprobs,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            prompts_per_update=prompts_per_update,
+            micro_batch_size=self.train_cfg.micro_batch_size,
+            max_tokens_per_microbatch=self.train_cfg.max_tokens_per_microbatch,
+            microbatch_multiple=self.topology.pp if self.topology.vpp > 1 else 1,
+        )
+
+    def _to_device(self, mb: MicroBatch) -> MicroBatch:
+        if self._device is None:
+            return mb
+        return MicroBatch(**{k: getattr(mb, k).to(self._device, non_blocking=True) for k in mb.__dataclass_fields__})
+
+    # ------------------------------------------------------------------ the schedule
+    def _token_logprobs(self, logits: Tensor, mb: MicroBatch, temperature: float, entropy: bool) -> tuple:
+        """Target-aligned ``[b, t]`` log-probs (and entropy or None) from the logits shard ``[b, t, V/tp]``."""
+        from dapo_megatron.megatron.logprobs import token_logprobs_and_entropy
+
+        lp, ent = token_logprobs_and_entropy(
+            logits[:, :-1],
+            mb.tokens[:, 1:],
+            temperature=temperature,
+            chunk_size=self.train_cfg.logprob_chunk_size,
+            tp_group=self._ps.get_tensor_model_parallel_group(),
+            compute_entropy=entropy,
+            valid_vocab_size=self.spec.vocab_size,
+        )
+        lp = F.pad(lp, (1, 0))
+        return lp, (F.pad(ent, (1, 0)) if entropy else None)
+
+    def _run_schedule(self, plan: MiniBatchPlan, make_loss_func: Callable, *, forward_only: bool) -> None:
+        """Run megatron's schedule over ``plan``; ``make_loss_func(mb)`` gives each loss_func.
+
+        The forward-step closure: feeds one micro-batch to the model chunk (pre-process stages use
+        the tokens, later stages the received activations) and binds the loss to that micro-batch,
+        so results are placed by ``mb.rows`` whatever order the schedule runs them in.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mbs = plan.microbatches
+        if self._fixed_shapes:
+            rows, cols = max(mb.tokens.shape[0] for mb in mbs), max(mb.tokens.shape[1] for mb in mbs)
+            mbs = [pad_microbatch(mb, rows, cols) for mb in mbs]
+        mbs = [self._to_device(mb) for mb in mbs]
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            b, t = mb.tokens.shape
+            positions = torch.arange(t, device=mb.tokens.device).unsqueeze(0).expand(b, -1)
+            output = model(mb.tokens, positions, None)  # None: the causal mask (right padding only)
+            return output, make_loss_func(mb)
+
+        iterators = [iter(mbs) for _ in self._ddp]
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self._ddp,
+            num_microbatches=len(mbs),
+            seq_length=max(mb.tokens.shape[1] for mb in mbs),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in mbs),
+            forward_only=forward_only,
+        )
+
+    # ------------------------------------------------------------------ loss functions
+    def _policy_loss_func(self, mb: MicroBatch, plan: MiniBatchPlan, temperature: float, acc: Dict) -> Callable:
+        """loss_func for one DAPO micro-batch: adds detached masked sums into ``acc``."""
+        algo = self.algo_cfg
+        mode = algo.loss_agg_mode
+        agg = partial(
+            aggregate_loss,
+            mode=mode,
+            global_num_tokens=plan.global_num_tokens,
+            global_num_seqs=plan.global_num_seqs,
+            max_response_len=self.max_response_len,
+        )
+
+        def loss_func(logits: Tensor):
+            lp, ent = self._token_logprobs(logits, mb, temperature, entropy=True)
+            weights = None
+            if algo.tis.enable:
+                weights, _ = tis_weights(mb.old_logprobs, mb.rollout_logprobs, mb.loss_mask, cap=algo.tis.cap)
+            per_token, stats = policy_loss(
+                lp, mb.old_logprobs, mb.advantages, mb.loss_mask,
+                clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
+                clip_ratio_c=algo.clip_ratio_c, log_ratio_clamp=algo.log_ratio_clamp, tis_weights=weights,
+            )  # fmt: skip
+            pg = agg(per_token, mb.loss_mask)
+            loss = pg - algo.entropy_coeff * agg(ent, mb.loss_mask) if algo.entropy_coeff > 0 else pg
+            mask = mb.loss_mask != 0
+            _accumulate(acc, stats, loss=loss, pg_loss=pg, entropy_sum=torch.where(mask, ent, 0.0).sum())
+            return scale_loss(loss, plan.num_microbatches, self.topology.dp), {}
+
+        return loss_func
+
+    def _sft_loss_func(self, mb: MicroBatch, plan: MiniBatchPlan, acc: Dict) -> Callable:
+        """loss_func of token-mean cross-entropy over ``loss_mask`` (global token denominator)."""
+
+        def loss_func(logits: Tensor):
+            lp, _ = self._token_logprobs(logits, mb, 1.0, entropy=False)
+            mask = mb.loss_mask != 0
+            nll_sum = -torch.where(mask, lp, 0.0).sum()
+            loss = nll_sum / max(plan.global_num_tokens, 1.0)
+            _accumulate(acc, {"num_tokens": mask.sum().to(lp.dtype)}, loss=loss)
+            return scale_loss(loss, plan.num_microbatches, self.topology.dp), {}
+
+        return loss_func
+
+    def _logprob_func(self, mb: MicroBatch, out: Tensor, temperature: float) -> Callable:
+        """forward-only loss_func: writes the micro-batch's log-probs into rows of ``out`` ``[B, T]``."""
+
+        def loss_func(logits: Tensor):
+            lp, _ = self._token_logprobs(logits, mb, temperature, entropy=False)
+            keep = mb.rows >= 0
+            out[mb.rows[keep].cpu(), : lp.shape[1]] = lp[keep].detach().float().cpu()
+            return lp.new_zeros(()), {}
+
+        return loss_func
+
+    # ------------------------------------------------------------------ collectives
+    def _reduce_stats(self, acc: Dict) -> Dict[str, float]:
+        """Sum ``acc`` over DP, then over PP (only the last stage holds values); max for ratio_max."""
+        ps = self._ps
+        dev = self._device or torch.device("cpu")
+        sums = torch.tensor([float(acc.get(k, 0.0)) for k in _SUM_KEYS], dtype=torch.float64, device=dev)
+        peak = torch.tensor([float(acc.get("ratio_max", 0.0))], dtype=torch.float64, device=dev)
+        for group in (ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()):
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        out = dict(zip(_SUM_KEYS, sums.tolist()))
+        out["ratio_max"] = float(peak.item())
+        return out
+
+    def _grads_nonfinite(self) -> bool:
+        """True on every rank when any rank holds a non-finite gradient (after the DP reduction)."""
+        bad = torch.zeros(1, device=self._device or torch.device("cpu"))
+        for chunk in self._ddp:
+            for p in chunk.parameters():
+                g = getattr(p, "main_grad", None)
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    bad.fill_(1.0)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() > 0)
+
+    def _zero_grads(self) -> None:
+        for chunk in self._ddp:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def _guarded_step(self, loss_finite: bool) -> tuple:
+        """Optimizer step unless the loss or any grad is non-finite. Returns ``(stepped, grad_norm, lr)``.
+
+        megatron reports a failed update only for fp16 (its loss scaler); for fp32/bf16 we check the
+        grads ourselves *before* stepping, so a skipped update leaves weights and Adam state as they
+        were. fp16 keeps megatron's own check so its loss scaler still backs off.
+        """
+        lr = self._opt.lr
+        if self.params_dtype != torch.float16 and (not loss_finite or self._grads_nonfinite()):
+            self._zero_grads()
+            return False, float("nan"), lr
+        stepped, grad_norm, _ = self.optimizer.step()
+        if stepped:
+            if grad_norm is None:  # clip_grad == 0: megatron did not compute it
+                grad_norm = self.optimizer.get_grad_norm()
+            self.scheduler.step(1)
+            self.updates_applied += 1
+        return bool(stepped), float(grad_norm) if stepped else float("nan"), lr
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, *, temperature: float) -> Tensor:
+        """Log-probs ``[B, T]`` (float32, target-aligned) of ``batch.tokens`` under the current weights.
+
+        Forward-only through the schedule. Positions 0 and past a row's length hold 0. The result
+        is the same on every rank: the last PP stage fills its DP rows, then a sum over DP and PP.
+        """
+        for m in self._ddp:
+            m.eval()
+        out = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+        for plan in self._plans(batch, None, None):
+            self._run_schedule(plan, lambda mb: self._logprob_func(mb, out, temperature), forward_only=True)
+        for m in self._ddp:
+            m.train()
+        wire = out.to(self._device) if self._device is not None else out
+        for group in (self._ps.get_data_parallel_group(), self._ps.get_pipeline_model_parallel_group()):
+            dist.all_reduce(wire, group=group)
+        return wire.cpu()
+
+    def _old_logprobs(self, batch: TrainBatch, temperature: float, times: Dict) -> Tensor:
+        if self.algo_cfg.use_rollout_logprobs:
+            return batch.rollout_logprobs
+        if batch.old_logprobs is not None:
+            return batch.old_logprobs
+        start = time.perf_counter()
+        old = self.compute_logprobs(batch, temperature=temperature)
+        times["time_logprob_s"] = time.perf_counter() - start
+        return old
+
+    def _update(self, plan: MiniBatchPlan, make_loss_func: Callable, times: Dict) -> Dict[str, float]:
+        """One optimizer update over ``plan``: zero grads, schedule, reduce stats, guarded step."""
+        self._zero_grads()
+        acc: Dict[str, Any] = {}
+        start = time.perf_counter()
+        self._run_schedule(plan, lambda mb: make_loss_func(mb, acc), forward_only=False)
+        stats = self._reduce_stats(acc)
+        mid = time.perf_counter()
+        stepped, grad_norm, lr = self._guarded_step(math.isfinite(stats["loss"]))
+        times["time_fwd_bwd_s"] = times.get("time_fwd_bwd_s", 0.0) + mid - start
+        times["time_optimizer_s"] = times.get("time_optimizer_s", 0.0) + time.perf_counter() - mid
+        if not stepped:
+            self.skipped_updates_total += 1
+        return {**stats, "grad_norm": grad_norm, "stepped": float(stepped), "lr": lr}
+
+    def train_step(self, batch: TrainBatch, *, temperature: float) -> Dict[str, float]:
+        """DAPO updates over one rollout step: ``ppo_epochs`` passes over its mini-batches.
+
+        Old log-probs: ``batch.rollout_logprobs`` when ``algo_cfg.use_rollout_logprobs``, else
+        ``batch.old_logprobs``, else recomputed here. Returns the same dict on every rank (see
+        :func:`summarize_updates` for the keys).
+        """
+        start = time.perf_counter()
+        times: Dict[str, float] = {}
+        old = self._old_logprobs(batch, temperature, times)
+        plans = self._plans(batch, old, self.train_cfg.ppo_mini_batch_size)
+        updates = []
+        for _ in range(self.train_cfg.ppo_epochs):
+            for plan in plans:
+                make = partial(self._policy_loss_func_for, plan=plan, temperature=temperature)
+                updates.append(self._update(plan, make, times))
+        times["time_total_s"] = time.perf_counter() - start
+        return {**summarize_updates(updates, batch), **times}
+
+    def _policy_loss_func_for(self, mb: MicroBatch, acc: Dict, *, plan: MiniBatchPlan, temperature: float):
+        return self._policy_loss_func(mb, plan, temperature, acc)
+
+    def sft_step(self, tokens: Tensor, loss_mask: Tensor) -> Dict[str, float]:
+        """One supervised update: token-mean cross-entropy of ``tokens`` ``[B, T]`` where ``loss_mask``.
+
+        ``loss_mask`` is target-aligned like every per-token tensor. Returns ``loss``, ``grad_norm``,
+        ``lr``, ``num_tokens``, ``skipped_updates``, ``updates`` and times.
+        """
+        start = time.perf_counter()
+        zeros = torch.zeros(loss_mask.shape, dtype=torch.float32)
+        batch = TrainBatch(
+            tokens=tokens, loss_mask=loss_mask.float(), advantages=zeros, rollout_logprobs=zeros,
+            seq_group=torch.arange(tokens.shape[0]),
+        )  # fmt: skip
+        (plan,) = self._plans(batch, None, None)
+        times: Dict[str, float] = {}
+        upd = self._update(plan, lambda mb, acc: self._sft_loss_func(mb, plan, acc), times)
+        times["time_total_s"] = time.perf_counter() - start
+        return {
+            "loss": upd["loss"], "grad_norm": upd["grad_norm"], "lr": upd["lr"], "num_tokens": upd["num_tokens"],
+            "skipped_updates": 1.0 - upd["stepped"], "updates": 1.0, **times,
+        }  # fmt: skip
+
+
+def _accumulate(acc: Dict, stats: Dict[str, Tensor], **extra: Tensor) -> None:
+    """Add detached per-micro-batch sums into ``acc`` (``ratio_max`` by max)."""
+    for k, v in {**stats, **extra}.items():
+        v = float(v.detach())
+        if k == "ratio_max":
+            acc[k] = max(acc.get(k, 0.0), v)
+        else:
+            acc[k] = acc.get(k, 0.0) + v
+
+
+def summarize_updates(updates: List[Dict[str, float]], batch: TrainBatch) -> Dict[str, float]:
+    """Step metrics from per-update global stats.
+
+    ``loss``/``grad_norm``: means over updates (grad_norm over the applied ones; nan if none).
+    Fractions, ``approx_kl``, ``ratio_mean``, ``entropy``: token-weighted over all updates.
+    ``lr``: of the last update. ``num_tokens``: response tokens in the batch.
+    """
+    tokens = max(sum(u["num_tokens"] for u in updates), 1.0)
+    applied = [u["grad_norm"] for u in updates if u["stepped"]]
+    return {
+        "loss": sum(u["loss"] for u in updates) / max(len(updates), 1),
+        "pg_loss": sum(u["pg_loss"] for u in updates) / max(len(updates), 1),
+        "grad_norm": sum(applied) / len(applied) if applied else float("nan"),
+        "clip_frac_high": sum(u["clip_high_sum"] for u in updates) / tokens,
+        "clip_frac_low": sum(u["clip_low_sum"] for u in updates) / tokens,
+        "dual_clip_frac": sum(u["dual_clip_sum"] for u in updates) / tokens,
+        "approx_kl": sum(u["approx_kl_sum"] for u in updates) / tokens,
+        "ratio_mean": sum(u["ratio_sum"] for u in updates) / tokens,
+        "ratio_max": max((u["ratio_max"] for u in updates), default=0.0),
+        "entropy": sum(u["entropy_sum"] for u in updates) / tokens,
+        "lr": updates[-1]["lr"] if updates else float("nan"),
+        "num_tokens": float((batch.loss_mask != 0).sum()),
+        "skipped_updates": float(sum(1 for u in updates if not u["stepped"])),
+        "updates": float(len(updates)),
+    }
