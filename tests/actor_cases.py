@@ -187,6 +187,10 @@ def _world1_body(rank: int, world: int, tmp: str) -> dict:
     out["w_init"] = full_weights(actor)
     batch = make_batch()
     out["lp_init"] = actor.compute_logprobs(batch, temperature=TEMPERATURE)
+    mask = batch.loss_mask != 0
+    out["sft_expected"] = float(-out["lp_init"][mask].sum() / mask.sum())
+    out["sft"] = actor.sft_step(batch.tokens, batch.loss_mask)  # the supervised warm-up path
+    out["w_after_sft"] = full_weights(actor)
     batch = with_old_logprobs(batch, out["lp_init"])
     out["batch"] = batch
     teardown()
@@ -402,6 +406,38 @@ def world4(rank: int, world: int, tmp: str, batch, names: List[str]) -> dict:
     start()
     try:
         return _world4_body(rank, world, tmp, batch, names)
+    finally:
+        finish()
+
+
+# ----------------------------------------------------------------------------- CUDA (one GPU)
+def gpu_case(rank: int, world: int, tmp: str) -> dict:
+    """On CUDA + NCCL at (1,1,1): the same update with 1 and 4 micro-batches, plus CPU-side references.
+
+    Returns both updates' metrics and weights, the initial weights and the batch.
+    """
+    start()
+    try:
+        from dapo_megatron.megatron.checkpoint import save_checkpoint
+        from dapo_megatron.parallel.topology import Topology
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        topo = Topology(world_size=1)
+        os.makedirs(os.path.join(tmp, "ckpt"), exist_ok=True)
+        actor = make_actor(topo)
+        save_checkpoint(actor, _path(tmp, "init"), step=0, extra_state={})
+        out = {"w_init": {k: v.cpu() for k, v in full_weights(actor).items()}}
+        batch = make_batch()
+        batch = with_old_logprobs(batch, actor.compute_logprobs(batch, temperature=TEMPERATURE))
+        out["batch"] = batch
+        teardown()
+        for name, mbs in (("mb1", 8), ("mb4", 2)):
+            actor = _loaded_actor(topo, tmp, micro_batch_size=mbs)
+            metrics = actor.train_step(batch, temperature=TEMPERATURE)
+            out[name] = {"metrics": metrics, "w": {k: v.cpu() for k, v in full_weights(actor).items()}}
+            teardown()
+        return out
     finally:
         finish()
 

@@ -116,3 +116,15 @@ def test_nan_guard_skips_the_update_and_keeps_weights():
     assert g["good"]["skipped_updates"] == 0
     assert all(torch.equal(g["after_good"][k], w1["w_after"][k]) for k in w1["w_after"])
     C.report("nan guard", "skipped update: weights bitwise unchanged; next update bitwise equal to reference")
+
+
+def test_sft_step_is_token_mean_cross_entropy():
+    """sft_step's loss equals -mean log-prob over the mask (from compute_logprobs), and it updates."""
+    w1 = C.suite("world1")[0]
+    sft = w1["sft"]
+    diff = abs(sft["loss"] - w1["sft_expected"])
+    C.report("sft_step loss vs token-mean NLL", f"abs diff {diff:.2e} (loss {sft['loss']:.4f})")
+    assert diff <= 1e-6
+    assert sft["num_tokens"] == float(w1["batch"].loss_mask.sum()) and sft["skipped_updates"] == 0
+    assert sft["grad_norm"] > 0 and sft["updates"] == 1
+    assert any(not torch.equal(w1["w_after_sft"][k], w1["w_init"][k]) for k in w1["w_init"])

@@ -240,7 +240,7 @@ class MegatronActor:
         )
 
     # ------------------------------------------------------------------ loss functions
-    def _policy_loss_func(self, mb: MicroBatch, plan: MiniBatchPlan, temperature: float, acc: Dict) -> Callable:
+    def _policy_loss_func(self, mb: MicroBatch, acc: Dict, *, plan: MiniBatchPlan, temperature: float) -> Callable:
         """loss_func for one DAPO micro-batch: adds detached masked sums into ``acc``."""
         algo = self.algo_cfg
         mode = algo.loss_agg_mode
@@ -270,7 +270,7 @@ class MegatronActor:
 
         return loss_func
 
-    def _sft_loss_func(self, mb: MicroBatch, plan: MiniBatchPlan, acc: Dict) -> Callable:
+    def _sft_loss_func(self, mb: MicroBatch, acc: Dict, *, plan: MiniBatchPlan) -> Callable:
         """loss_func of token-mean cross-entropy over ``loss_mask`` (global token denominator)."""
 
         def loss_func(logits: Tensor):
@@ -348,8 +348,10 @@ class MegatronActor:
     def compute_logprobs(self, batch: TrainBatch, *, temperature: float) -> Tensor:
         """Log-probs ``[B, T]`` (float32, target-aligned) of ``batch.tokens`` under the current weights.
 
-        Forward-only through the schedule. Positions 0 and past a row's length hold 0. The result
-        is the same on every rank: the last PP stage fills its DP rows, then a sum over DP and PP.
+        Forward-only through the schedule. Position 0 holds 0, as do positions past the longest row
+        of a row's micro-batch; right-padding positions inside it hold the log-prob of the pad token
+        (every consumer masks them). The result is the same on every rank: the last PP stage fills
+        its DP rows, then a sum over DP and PP.
         """
         for m in self._ddp:
             m.eval()
@@ -402,13 +404,10 @@ class MegatronActor:
         updates = []
         for _ in range(self.train_cfg.ppo_epochs):
             for plan in plans:
-                make = partial(self._policy_loss_func_for, plan=plan, temperature=temperature)
+                make = partial(self._policy_loss_func, plan=plan, temperature=temperature)
                 updates.append(self._update(plan, make, times))
         times["time_total_s"] = time.perf_counter() - start
         return {**summarize_updates(updates, batch), **times}
-
-    def _policy_loss_func_for(self, mb: MicroBatch, acc: Dict, *, plan: MiniBatchPlan, temperature: float):
-        return self._policy_loss_func(mb, plan, temperature, acc)
 
     def sft_step(self, tokens: Tensor, loss_mask: Tensor) -> Dict[str, float]:
         """One supervised update: token-mean cross-entropy of ``tokens`` ``[B, T]`` where ``loss_mask``.
@@ -424,7 +423,7 @@ class MegatronActor:
         )  # fmt: skip
         (plan,) = self._plans(batch, None, None)
         times: Dict[str, float] = {}
-        upd = self._update(plan, lambda mb, acc: self._sft_loss_func(mb, plan, acc), times)
+        upd = self._update(plan, partial(self._sft_loss_func, plan=plan), times)
         times["time_total_s"] = time.perf_counter() - start
         return {
             "loss": upd["loss"], "grad_norm": upd["grad_norm"], "lr": upd["lr"], "num_tokens": upd["num_tokens"],
