@@ -46,6 +46,7 @@ WORLD2_LAYOUTS = [
     ("dp2", 1, 1, 1, "token-mean"),
     ("pp2vpp2", 1, 2, 2, "token-mean"),
     ("dp2_seq", 1, 1, 1, "seq-mean-token-mean"),
+    ("dp2_distopt", 1, 1, 1, "token-mean"),  # the distributed optimizer (state sharded over DP)
 ]
 WORLD4_LAYOUTS = [
     ("tp2pp2", 2, 2, 1, "token-mean"),
@@ -73,7 +74,9 @@ def sub_configs(mode: str = "token-mean", **train_over):
     return model, optim, train, algo
 
 
-def make_actor(topology, mode: str = "token-mean", *, optim=None, total_steps: int = 4, **train_over):
+def make_actor(
+    topology, mode: str = "token-mean", *, optim=None, total_steps: int = 4, distributed_optimizer=False, **train_over
+):
     """Initialise megatron's parallel state for ``topology`` and build an actor on it."""
     from dapo_megatron.megatron.actor import MegatronActor
     from dapo_megatron.megatron.model import model_spec_from_hf
@@ -92,6 +95,7 @@ def make_actor(topology, mode: str = "token-mean", *, optim=None, total_steps: i
         total_steps=total_steps,
         prompts_per_step=4,
         group_size=2,
+        use_distributed_optimizer=distributed_optimizer,
     )
 
 
@@ -320,7 +324,7 @@ def run_layouts(rank: int, world: int, tmp: str, batch, layouts: List[Tuple]) ->
     out = {}
     for name, tp, pp, vpp, mode in layouts:
         topo = Topology(world_size=world, tp=tp, pp=pp, vpp=vpp, cp=1, ep=1)
-        actor = _loaded_actor(topo, tmp, mode)
+        actor = _loaded_actor(topo, tmp, mode, distributed_optimizer=name.endswith("_distopt"))
         lp = actor.compute_logprobs(batch, temperature=TEMPERATURE)
         metrics = actor.train_step(batch, temperature=TEMPERATURE)
         save_checkpoint(actor, _path(tmp, f"after_{name}"), step=1, extra_state={})
@@ -331,10 +335,12 @@ def run_layouts(rank: int, world: int, tmp: str, batch, layouts: List[Tuple]) ->
 
 def _world2_body(rank: int, world: int, tmp: str, batch) -> dict:
     """World-2 layouts, then the reshard check: the TP2PP1 checkpoint loaded at TP1PP2."""
+    from dapo_megatron.megatron.batching import broadcast_batch
     from dapo_megatron.megatron.checkpoint import load_checkpoint
     from dapo_megatron.parallel.topology import Topology
 
     out = run_layouts(rank, world, tmp, batch, WORLD2_LAYOUTS)
+    out["broadcast"] = broadcast_batch(batch if rank == 0 else None, src=0)
     actor = make_actor(Topology(world_size=2, tp=1, pp=2, vpp=1, cp=1, ep=1))
     load_checkpoint(actor, _path(tmp, "after_tp2"))
     out["reshard_lp"] = actor.compute_logprobs(batch, temperature=TEMPERATURE)
@@ -351,7 +357,7 @@ def _world4_body(rank: int, world: int, tmp: str, batch, names: List[str]) -> di
     weights = {}
     for name in names + [n for n, *_ in WORLD4_LAYOUTS]:
         actor = make_actor(Topology(world_size=4, tp=1, pp=1, vpp=1, cp=1, ep=1))
-        load_checkpoint(actor, _path(tmp, f"after_{name}"))
+        load_checkpoint(actor, _path(tmp, f"after_{name}"), model_only=True)
         weights[name] = full_weights(actor) if rank == 0 else None
         teardown()
     out["weights"] = weights

@@ -90,3 +90,18 @@ def test_pad_microbatch_adds_zero_columns_and_dummy_rows():
     assert torch.equal(padded.tokens[:2, :5], mb.tokens) and float(padded.loss_mask.sum()) == float(mb.loss_mask.sum())
     with pytest.raises(ValueError, match="does not fit"):
         pad_microbatch(mb, 1, 8)
+
+
+@pytest.mark.multiproc
+def test_broadcast_batch_reaches_every_rank():
+    """Rank 0 holds the batch, rank 1 passes None: both end with identical tensors (world 2)."""
+    from dataclasses import fields
+
+    from tests import actor_cases as C
+
+    sent = C.suite("world1")[0]["batch"]
+    for r in C.suite("world2"):
+        got = r["broadcast"]
+        for f in fields(sent):
+            a, b = getattr(got, f.name), getattr(sent, f.name)
+            assert a.dtype == b.dtype and torch.equal(a, b), f.name

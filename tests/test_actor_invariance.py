@@ -23,6 +23,7 @@ LOSS_ABS_TOL = 1e-6  # absolute, on a loss made of O(1) terms
 MB_TOL = 1e-6  # micro-batch split (same kernels, different summation order)
 TOKEN_LAYOUTS = ["tp2", "pp2", "dp2", "pp2vpp2", "tp2pp2", "pp4vpp2"]
 SEQ_LAYOUTS = ["dp2_seq", "tp2pp2_seq"]
+DISTOPT_LAYOUTS = ["dp2_distopt"]
 
 
 def _layout_results() -> dict:
@@ -32,7 +33,7 @@ def _layout_results() -> dict:
     out = {}
     for ranks in (w2, w4):
         for name in ranks[0]:
-            if name in TOKEN_LAYOUTS + SEQ_LAYOUTS:
+            if name in TOKEN_LAYOUTS + SEQ_LAYOUTS + DISTOPT_LAYOUTS:
                 out[name] = ([r[name] for r in ranks], weights[name])
     return out
 
@@ -77,7 +78,7 @@ def test_reference_update_is_not_trivial():
     assert m["num_tokens"] == float(w1["batch"].loss_mask.sum())
 
 
-@pytest.mark.parametrize("name", TOKEN_LAYOUTS)
+@pytest.mark.parametrize("name", TOKEN_LAYOUTS + DISTOPT_LAYOUTS)
 def test_layout_invariance_token_mean(name):
     w1 = C.suite("world1")[0]
     _check_layout(name, w1["metrics"], w1["w_after"], w1["lp_init"])
