@@ -76,7 +76,7 @@ def from_dict(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, key + ".")
     origin = typing.get_origin(tp)
     if origin is Union:
