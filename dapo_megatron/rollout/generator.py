@@ -276,7 +276,9 @@ class StreamingRollout:
                         self.acc.offer(group, self.metric_values(group))
         finally:
             await self._stop(tasks)
-        batch = self.acc.take()
+        # Completion order is a race between engines; the trainer sees prompt order so a step's
+        # batch (and its micro-batch split) does not depend on which request finished first.
+        batch = sorted(self.acc.take(), key=lambda g: g.prompt_index)
         if self.keep_surplus:
             self.carry.extend(self.acc.surplus)
         return batch, self._metrics(batch, time.monotonic() - start)
