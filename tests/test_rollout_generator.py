@@ -119,7 +119,11 @@ def test_zero_variance_groups_dropped_and_refilled():
     groups, m = run(rollout([eng]), src)
     assert [g.prompt_index for g in groups] == [1, 5]
     assert src.requests == [3, 3]  # a second round was needed
-    assert m["ds/rounds"] == 2 and m["ds/generated_groups"] == 6 and m["ds/kept_groups"] == 2
+    assert m["ds/rounds"] == 2 and m["ds/kept_groups"] == 2
+    # Rewards are scored in threads, so groups finish in any order: once 1 and 5 are in, the step is
+    # full and the zero-variance groups still running are aborted uncounted. The second round only
+    # starts after a round-one drop, so between 4 and 6 groups were generated.
+    assert m["ds/generated_groups"] in (4.0, 5.0, 6.0)
     s = groups[0].samples
     assert [x.acc for x in s] == [True, True, False, False]
     assert [x.score for x in s] == [1.0, 1.0, -1.0, -1.0]
