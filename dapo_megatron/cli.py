@@ -3,6 +3,10 @@
     dapo-megatron config [--config X.yaml] [section.key=value ...]   print the resolved config
     dapo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR] [--labels A B]  charts from metrics.jsonl
     dapo-megatron plan [--config X.yaml] [--engine-nodes N] [--gpus-per-node G]  placement dry-run
+    dapo-megatron train --config X.yaml [overrides]            DAPO training (torchrun / srun / one process)
+    dapo-megatron demo [--config X.yaml] [overrides]           the embedded CPU demo, end to end
+    dapo-megatron eval --model HF_DIR --config X.yaml          avg@k of an HF model on data.eval_files
+    dapo-megatron export --ckpt C --hf-dir H --out O           a checkpoint to an HF folder
 
 Each subcommand imports what it needs inside its handler, so ``--help`` and ``config`` stay fast
 and never load megatron or an engine.
@@ -78,6 +82,90 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_CONFIG = "examples/demo_cpu.yaml"
+_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def _input_error(command: str, e: Exception) -> int:
+    print(f"dapo-megatron {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dapo_megatron.config_io import load_config
+    from dapo_megatron.controller.loop import train
+    from dapo_megatron.controller.run_dir import RunDirError
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    except (*_INPUT_ERRORS, RunDirError) as e:
+        return _input_error("train", e)
+    return 0
+
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--assets-only", metavar="DIR", default=None,
+                   help="only write the tiny model folder and problem files into DIR (for `train`)")  # fmt: skip
+
+
+def _demo_config_path(path: Optional[str]) -> str:
+    if path:
+        return path
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEMO_CONFIG)
+    return DEMO_CONFIG if os.path.isfile(DEMO_CONFIG) else here
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dapo_megatron.config_io import load_config
+    from dapo_megatron.controller.demo import run_demo, write_assets
+    from dapo_megatron.controller.run_dir import RunDirError
+
+    if args.assets_only:  # configs made for `train` on the assets name them as ${DEMO_ASSETS}
+        os.environ.setdefault("DEMO_ASSETS", os.path.abspath(args.assets_only))
+    cfg = load_config(_demo_config_path(args.config), args.overrides)
+    try:
+        if args.assets_only:
+            print(write_assets(cfg, args.assets_only).model_dir)
+            return 0
+        summary = run_demo(cfg)
+    except (*_INPUT_ERRORS, RunDirError) as e:
+        return _input_error("demo", e)
+    print("demo summary: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
+    return 0
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="HF model folder (e.g. the output of `export`)")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dapo_megatron.config_io import load_config
+    from dapo_megatron.controller.demo import eval_hf_folder
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = eval_hf_folder(cfg, args.model)
+    except _INPUT_ERRORS as e:
+        return _input_error("eval", e)
+    print(", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    from dapo_megatron.weights.export_hf import add_export_args
+
+    add_export_args(p)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dapo_megatron.weights.export_hf import run_export
+
+    return run_export(args)
+
+
 # name -> (help, add_arguments(parser), handler(args) -> exit code)
 COMMANDS: Dict[str, tuple] = {
     "config": ("print the resolved config (defaults, YAML file, then overrides)", _add_config_args, _cmd_config),
@@ -87,6 +175,10 @@ COMMANDS: Dict[str, tuple] = {
         _add_plan_args,
         _cmd_plan,
     ),
+    "train": ("DAPO training from a config (one process, torchrun or srun)", _add_config_args, _cmd_train),
+    "demo": ("the embedded CPU demo: warm-up, DAPO, export, eval", _add_demo_args, _cmd_demo),
+    "eval": ("avg@k of an HF model folder on data.eval_files", _add_eval_args, _cmd_eval),
+    "export": ("export a megatron checkpoint to an HF folder", _add_export_args, _cmd_export),
 }
 
 

@@ -452,6 +452,45 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class DemoConfig:
+    """The embedded demo (``dapo-megatron demo``): its synthetic task and supervised warm-up.
+
+    Fields:
+        max_operand: operands are drawn from ``0..max_operand``.
+        ops: operators of the arithmetic problems (``+``, ``-``, ``*``).
+        num_train / num_eval: distinct training and held-out problems (disjoint sets).
+        sft_steps / sft_lr / sft_batch_size: the warm-up: Adam steps of token-mean cross-entropy on
+            the reference answers, with its own learning rate (DAPO then uses ``optim.lr``).
+        hidden_size / num_layers: shape of the tiny Qwen2 model built from code.
+    """
+
+    max_operand: int = 29
+    ops: tuple = ("+",)
+    num_train: int = 600
+    num_eval: int = 200
+    sft_steps: int = 300
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+    hidden_size: int = 128
+    num_layers: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.max_operand >= 1, "demo.max_operand", "must be >= 1")
+        _check(bool(self.ops) and set(self.ops) <= {"+", "-", "*"}, "demo.ops", "must be a non-empty subset of + - *")
+        for name in ("num_train", "num_eval", "sft_batch_size", "hidden_size", "num_layers"):
+            _check(getattr(self, name) >= 1, f"demo.{name}", "must be >= 1")
+        _check(self.sft_steps >= 0, "demo.sft_steps", "must be >= 0")
+        _check(self.sft_lr > 0, "demo.sft_lr", "must be > 0")
+        _check(self.hidden_size % 32 == 0, "demo.hidden_size", "must be a multiple of 32 (head_dim 32)")
+        problems = (self.max_operand + 1) ** 2 * len(self.ops)
+        _check(
+            self.num_train + self.num_eval <= problems,
+            "demo.num_train",
+            f"num_train + num_eval = {self.num_train + self.num_eval} but only {problems} distinct problems exist",
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     """The root of the tree. Cross-section rules are checked here."""
 
@@ -465,6 +504,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:
         buf = self.algo.overlong_buffer

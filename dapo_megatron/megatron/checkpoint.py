@@ -188,7 +188,18 @@ def load_checkpoint(actor: Any, path: str, *, model_only: bool = False) -> Tuple
     whether they were). ``model_only=True`` loads the weights alone -- starting a new run from
     existing weights -- and leaves optimizer, scheduler, counters and RNG as they are.
     """
-    meta = torch.load(os.path.join(path, _META), weights_only=False)
+    meta_path = os.path.join(path, _META)
+    if not os.path.exists(meta_path):
+        # A converted HF checkpoint (tools/convert_hf_to_megatron.py) holds weights only.
+        if not model_only:
+            raise FileNotFoundError(
+                f"{meta_path} is missing: {path} is not a training checkpoint of this project; "
+                "a converted HF checkpoint loads with model_only=True (model.load)"
+            )
+        _load_sharded(actor, path, with_optimizer=False)
+        _barrier()
+        return 0, {}
+    meta = torch.load(meta_path, weights_only=False)
     with_optimizer = bool(meta["optimizer_saved"]) and not model_only
     _load_sharded(actor, path, with_optimizer=with_optimizer)
     if not model_only:

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 from dapo_megatron.algo.dynamic_sampling import GroupAccumulator
 from dapo_megatron.algo.overlong import overlong_penalty
@@ -114,6 +114,14 @@ class StreamingRollout:
         self._next_gid = 0
         self._stopping = False
         self._cond: Optional[asyncio.Condition] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resumed run needs to draw the same seeds and offer the same carried groups."""
+        return {"next_gid": self._next_gid, "carry": list(self.carry), "acc": self.acc.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._next_gid, self.carry = int(state["next_gid"]), list(state["carry"])
+        self.acc.load_state_dict(state["acc"])
 
     # ------------------------------------------------------------------ engine pool
     async def _acquire(self, avoid: set) -> int:

@@ -1,0 +1,199 @@
+"""``dapo-megatron demo``: the whole product on a laptop, with nothing downloaded.
+
+1. Assets: a character tokenizer and a tiny Qwen2 config built in code, train/held-out problems
+   (disjoint) written as DAPO-Math parquet (``controller/demo_task.py``).
+2. Warm-up: ``demo.sft_steps`` supervised updates of the same Megatron actor (token-mean
+   cross-entropy on ``Answer: <n><eos>``), saved as a checkpoint.
+3. DAPO: the real training loop from that checkpoint with the embedded engine; it evaluates on the
+   held-out set before the first step and at the end (``run.eval_every``).
+4. Export: the final checkpoint to an HF folder, evaluated again through a fresh engine.
+
+The printed summary has held-out accuracy after the warm-up (before RL), after RL, and of the
+exported model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List
+
+import torch
+
+from dapo_megatron.config import Config
+
+SFT_DIR = "sft"
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    """Where the demo's model folder and prompt files are (all under the run directory)."""
+
+    model_dir: str
+    train_file: str
+    eval_file: str
+
+
+def write_assets(cfg: Config, root: str) -> DemoAssets:
+    """Tokenizer + ``config.json`` into ``root/model``, problems into ``root/data`` (idempotent)."""
+    from dapo_megatron.controller.demo_task import build_demo_tokenizer, demo_hf_config, make_rows, write_rows_parquet
+
+    d = cfg.demo
+    assets = DemoAssets(os.path.join(root, "model"), os.path.join(root, "data", "train.parquet"),
+                        os.path.join(root, "data", "eval.parquet"))  # fmt: skip
+    if all(os.path.exists(p) for p in (os.path.join(assets.model_dir, "config.json"), assets.train_file,
+                                        assets.eval_file)):  # fmt: skip
+        return assets
+    os.makedirs(os.path.dirname(assets.train_file), exist_ok=True)
+    tok = build_demo_tokenizer()
+    hf = demo_hf_config(len(tok), hidden_size=d.hidden_size, num_layers=d.num_layers, eos_token_id=tok.eos_token_id)
+    tmp = f"{assets.model_dir}.tmp-{os.getpid()}"
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=1)
+    os.replace(tmp, assets.model_dir)
+    held_out = make_rows(d.num_eval, seed=cfg.data.seed + 1, max_operand=d.max_operand, ops=d.ops)
+    exclude = {r["prompt"][0]["content"] for r in held_out}
+    train = make_rows(d.num_train, seed=cfg.data.seed, max_operand=d.max_operand, ops=d.ops, exclude=exclude)
+    write_rows_parquet(held_out, assets.eval_file)
+    write_rows_parquet(train, assets.train_file)
+    return assets
+
+
+def with_assets(cfg: Config, assets: DemoAssets, *, load: str = "") -> Config:
+    """``cfg`` pointed at the demo's model folder, data files and (optionally) a start checkpoint."""
+    return replace(
+        cfg,
+        model=replace(cfg.model, hf_path=assets.model_dir, load=load or cfg.model.load),
+        data=replace(cfg.data, train_files=(assets.train_file,), eval_files=(assets.eval_file,), template="none"),
+    )
+
+
+def _sft_examples(cfg: Config, tokenizer: Any) -> List[List[int]]:
+    """Token ids ``prompt + "Answer: <n>" + eos`` of every training row, and the prompt lengths."""
+    from dapo_megatron.controller.prompts import tokenize_all
+    from dapo_megatron.data.dataset import PromptDataset
+
+    data, _ = PromptDataset.from_files(list(cfg.data.train_files), template="none")
+    prompts = tokenize_all(data, tokenizer, apply_chat_template=True, max_prompt_len=cfg.rollout.max_prompt_len)
+    out = []
+    for i, p in enumerate(prompts):
+        answer = tokenizer.encode(f"Answer: {data[i].ground_truth}", add_special_tokens=False)
+        out.append((p, answer + [tokenizer.eos_token_id]))
+    return out
+
+
+def _sft_batch(examples: list, rng: random.Random, size: int, pad_id: int) -> tuple:
+    """Right-padded ``tokens [B, T]`` and target-aligned ``loss_mask [B, T]`` (1 on answer tokens)."""
+    chosen = [examples[rng.randrange(len(examples))] for _ in range(size)]
+    width = max(len(p) + len(a) for p, a in chosen)
+    tokens = torch.full((size, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((size, width), dtype=torch.float32)
+    for row, (p, a) in enumerate(chosen):
+        tokens[row, : len(p) + len(a)] = torch.tensor(p + a)
+        mask[row, len(p) : len(p) + len(a)] = 1.0
+    return tokens, mask
+
+
+def sft_warmup(cfg: Config, out: str, *, progress: bool = True) -> Dict[str, float]:
+    """``demo.sft_steps`` cross-entropy updates from random init; saves the weights at ``out``."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from dapo_megatron.controller.session import start_trainer
+    from dapo_megatron.megatron.checkpoint import save_checkpoint
+    from dapo_megatron.parallel.init import shutdown
+
+    d = cfg.demo
+    sft_cfg = replace(
+        cfg,
+        optim=replace(cfg.optim, lr=d.sft_lr, lr_warmup_steps=min(20, d.sft_steps), lr_decay_style="constant"),
+        train=replace(cfg.train, total_steps=max(1, d.sft_steps), ppo_mini_batch_size=cfg.rollout.prompts_per_step),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    examples, rng = _sft_examples(cfg, tokenizer), random.Random(cfg.data.seed)
+    _, _, _, actor = start_trainer(sft_cfg)
+    losses = []
+    try:
+        for _ in tqdm(range(d.sft_steps), desc="sft warm-up", unit="step", disable=not progress):
+            tokens, mask = _sft_batch(examples, rng, d.sft_batch_size, tokenizer.pad_token_id)
+            losses.append(actor.sft_step(tokens, mask)["loss"])
+        save_checkpoint(actor, out, step=0, extra_state={"sft_steps": d.sft_steps})
+    finally:
+        shutdown()
+    nan = float("nan")
+    return {"sft/loss_first": losses[0] if losses else nan, "sft/loss_last": losses[-1] if losses else nan}
+
+
+def export_checkpoint(cfg: Config, ckpt: str, out: str) -> None:
+    """Export ``ckpt`` to the HF folder ``out`` (float32, the demo's dtype); kept if it exists."""
+    import argparse
+
+    from dapo_megatron.weights.export_hf import run_export
+
+    if os.path.isdir(out):
+        return
+    args = argparse.Namespace(ckpt=ckpt, hf_dir=cfg.model.hf_path, out=out, dtype="float32",
+                              max_shard_size=5 * 1024**3, no_progress=True)  # fmt: skip
+    if run_export(args) != 0:
+        raise RuntimeError(f"export of {ckpt} to {out} failed (see the error above)")
+
+
+def eval_hf_folder(cfg: Config, model_dir: str) -> Dict[str, float]:
+    """avg@k of the HF model in ``model_dir`` on ``data.eval_files`` through a fresh embedded engine."""
+    from transformers import AutoTokenizer
+
+    from dapo_megatron.controller.evaluate import evaluate
+    from dapo_megatron.controller.prompts import tokenize_all
+    from dapo_megatron.data.dataset import PromptDataset
+    from dapo_megatron.rewards import get_reward_fn
+    from dapo_megatron.rollout.base import SamplingParams
+    from dapo_megatron.rollout.embedded import EmbeddedEngine
+
+    if not cfg.data.eval_files:
+        raise ValueError("data.eval_files is empty: give the evaluation parquet/jsonl files")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data, _ = PromptDataset.from_files(list(cfg.data.eval_files), template=cfg.data.template)
+    ids = tokenize_all(data, tok, apply_chat_template=cfg.data.apply_chat_template,
+                       max_prompt_len=cfg.rollout.max_prompt_len)  # fmt: skip
+    e = cfg.eval
+    params = SamplingParams(n=e.n_samples, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_response_len)
+    engine = EmbeddedEngine.from_pretrained(model_dir)
+    return evaluate([engine], data, ids, reward_fn=get_reward_fn(cfg.reward.name, cfg.reward.timeout_s),
+                    decode=lambda t: tok.decode(t, skip_special_tokens=True), params=params,
+                    seed=cfg.rollout.seed)  # fmt: skip
+
+
+def run_demo(cfg: Config, *, console: bool = True) -> Dict[str, float]:
+    """The four demo stages; returns (and prints) the accuracy summary and wall time."""
+    from dapo_megatron.controller.loop import train
+    from dapo_megatron.controller.run_dir import prepare_run_dir
+    from dapo_megatron.megatron.checkpoint import latest_checkpoint
+    from dapo_megatron.observability.sinks import read_metrics
+
+    start = time.perf_counter()
+    root = os.path.abspath(cfg.run.dir)
+    prepare_run_dir(root, resume=cfg.run.resume, config=cfg)  # marks the folder before assets go in
+    assets = write_assets(cfg, os.path.join(root, "assets"))
+    sft_ckpt = os.path.join(root, "assets", SFT_DIR)
+    summary: Dict[str, float] = {}
+    if not os.path.isfile(os.path.join(sft_ckpt, "meta.pt")):
+        summary.update(sft_warmup(with_assets(cfg, assets), sft_ckpt, progress=console))
+    summary["time/sft_s"] = time.perf_counter() - start
+    rl_cfg = with_assets(cfg, assets, load=sft_ckpt)
+    train(rl_cfg, console=console)
+    evals = [r for r in read_metrics(os.path.join(root, "metrics.jsonl")) if "eval/acc" in r]
+    summary["demo/acc_before_rl"] = evals[0]["eval/acc"]
+    summary["demo/acc_after_rl"] = evals[-1]["eval/acc"]
+    final = latest_checkpoint(os.path.join(root, "checkpoints"))
+    if final is None:
+        raise RuntimeError("the demo's DAPO phase saved no checkpoint; set run.save_every > 0")
+    export_checkpoint(rl_cfg, final, os.path.join(root, "export"))
+    summary["demo/acc_exported"] = eval_hf_folder(rl_cfg, os.path.join(root, "export"))["eval/acc"]
+    summary["time/total_s"] = time.perf_counter() - start
+    with open(os.path.join(root, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary

@@ -1,0 +1,75 @@
+"""Rollout engines for a run, chosen by ``rollout.engine``; built on trainer rank 0 only.
+
+* ``embedded``: ``rollout.num_engines`` in-process transformers engines (the CPU default);
+* ``vllm``: in-process ``vllm.LLM`` engines on ``model.hf_path``;
+* ``sglang``: servers started by the sbatch script from the saved placement plan
+  (``<run.dir>/placement.json``), reached through the sglang-router.
+
+Whatever the kind, the trainer pushes its own weights before the first rollout, so an engine's
+initial weights never matter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, List
+
+from dapo_megatron.config import Config
+
+PLACEMENT_FILE = "placement.json"
+
+
+def read_hf_config(hf_path: str) -> dict:
+    """``config.json`` of ``model.hf_path`` as a dict, with a clear error when it is missing or bad."""
+    path = os.path.join(hf_path, "config.json")
+    if not hf_path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model.hf_path={hf_path!r}: expected a folder with config.json and tokenizer files "
+            "(an HF model folder; `dapo-megatron demo` writes one for the tiny demo model)"
+        )
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def build_engines(cfg: Config, run_dir: str) -> List[Any]:
+    """The engine pool of ``cfg.rollout`` (see the module docstring)."""
+    kind, n = cfg.rollout.engine, cfg.rollout.num_engines
+    if kind == "embedded":
+        from dapo_megatron.rollout.embedded import EmbeddedEngine
+
+        hf = read_hf_config(cfg.model.hf_path)
+        return [EmbeddedEngine(hf, seed=cfg.rollout.seed + i) for i in range(n)]
+    if kind == "vllm":
+        from dapo_megatron.rollout.vllm import VLLMEngine
+
+        max_len = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+        return [VLLMEngine(cfg.model.hf_path, seed=cfg.rollout.seed + i, max_model_len=max_len) for i in range(n)]
+    if kind == "sglang":
+        return [_sglang_from_placement(os.path.join(run_dir, PLACEMENT_FILE), cfg.rollout.engine_tensor_parallel)]
+    raise ValueError(f"rollout.engine={kind!r}: expected embedded, vllm or sglang")
+
+
+def _sglang_from_placement(path: str, engine_tp: int, *, ready_timeout_s: float = 1800.0) -> Any:
+    from dapo_megatron.controller.placement import load_placement
+    from dapo_megatron.rollout.process import wait_http_ok
+    from dapo_megatron.rollout.sglang import SGLangEngine
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: rollout.engine=sglang reads the engine plan saved by `dapo-megatron plan --json` "
+            "(the sbatch scripts write it before starting the engines)"
+        )
+    plan = load_placement(path)
+    if not plan.engines:
+        raise ValueError(f"{path}: the plan lists no engine servers")
+    workers = [e.url for e in plan.engines]
+    deadline = time.monotonic() + ready_timeout_s
+    for url in workers:  # servers load the model for minutes; wait for each before the first step
+        wait_http_ok(f"{url}/health", timeout_s=max(1.0, deadline - time.monotonic()))
+    router = f"http://{plan.router_host}:{plan.router_port}"
+    return SGLangEngine(router, worker_urls=workers, engine_tp=engine_tp)

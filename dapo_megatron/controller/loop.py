@@ -1,0 +1,155 @@
+"""The DAPO training loop (Algorithm 1 of the paper), one step per iteration.
+
+The loop body is kept to one screen; each step helper below does one numbered thing. Trainer
+rank 0 drives the engines and broadcasts the batch; every rank trains and joins the weight gather.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from dapo_megatron.algo import tis_weights
+from dapo_megatron.config import Config
+from dapo_megatron.controller.batch import build_train_batch, reward_metrics
+from dapo_megatron.controller.evaluate import evaluate
+from dapo_megatron.controller.session import TrainingSession, metrics_of
+from dapo_megatron.controller.weight_sync import push_weights
+from dapo_megatron.observability.timers import PhaseTimer
+from dapo_megatron.rollout.base import SamplingParams
+from dapo_megatron.types import Group, TrainBatch
+
+
+def train(cfg: Config, *, console: bool = True) -> Dict[str, float]:
+    """Run DAPO from the last checkpoint (or the start) to ``train.total_steps``.
+
+    Returns the metrics of the last step on rank 0 (``{}`` on other ranks, or when nothing ran).
+    """
+    last: Dict[str, float] = {}
+    with TrainingSession(cfg, console=console) as s:
+        sync_engines(s, version=s.start_step)  # engines serve the restored (or initial) policy
+        if s.start_step == 0 and cfg.run.eval_every > 0:
+            log_step(s, 0, run_eval(s))  # the "before" accuracy
+        for step in range(s.start_step + 1, cfg.train.total_steps + 1):
+            timer = PhaseTimer()
+            with timer("generate"):
+                groups, stats = collect_groups(s)  # 1-2: streaming rollout, dynamic sampling, reward + overlong
+            batch = make_batch(s, groups)  # 3: group-relative advantages, broadcast to every rank
+            with timer("logprob"):
+                stats.update(old_logprobs(s, batch))  # 4-5: old log-probs (or bypass), TIS mismatch
+            with timer("train"):
+                stats.update(train_actor(s, batch))  # 6: mini-batch updates (TIS inside the loss)
+            with timer("sync"):
+                stats.update(sync_engines(s, version=step))  # 7
+            if _due(step, cfg.run.save_every, cfg.train.total_steps):
+                s.save(step)  # 9
+            if _due(step, cfg.run.eval_every, cfg.train.total_steps):
+                stats.update(run_eval(s))  # 10
+            last = log_step(s, step, {**stats, **timer.metrics()})  # 8 (written last so eval joins the line)
+    return last
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    """Periodic work runs every ``every`` steps and at the final step (never when ``every`` is 0)."""
+    return every > 0 and (step % every == 0 or step == total)
+
+
+def collect_groups(s: TrainingSession) -> Tuple[Optional[List[Group]], Dict[str, float]]:
+    """Rank 0: one step of groups and rollout metrics. Failures reach every rank (no hung broadcast)."""
+    error: List[Optional[str]] = [None]
+    groups, stats = None, {}
+    if s.rank0:
+        try:
+            groups, stats = s.run(s.rollout.run(s.prompts))
+            stats.update(reward_metrics(groups))
+            stats["time/reward_s"] = s.reward_fn.take_seconds()
+            stats["rollout/stale_samples"] = float(sum(
+                smp.weight_version != s.engines[0].weight_version for g in groups for smp in g.samples
+            ))  # fmt: skip  # on-policy: every sample comes from the weights of the previous step
+            if s.cfg.rollout.mode == "colocated":
+                for engine in s.engines:  # colocated engines give their memory to the trainer meanwhile
+                    s.run(engine.release_memory())
+        except Exception as e:  # noqa: BLE001 - re-raised below after telling the other ranks
+            error[0] = f"{type(e).__name__}: {e}"
+            if not _multi_rank():
+                raise
+    if _multi_rank():
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"rollout failed on trainer rank 0: {error[0]}")
+    return groups, stats
+
+
+def _multi_rank() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def make_batch(s: TrainingSession, groups: Optional[List[Group]]) -> TrainBatch:
+    from dapo_megatron.megatron.batching import broadcast_batch
+
+    batch = None
+    if s.rank0:
+        a = s.cfg.algo
+        batch = build_train_batch(
+            groups, pad_id=s.tokenizer.pad_token_id or 0, norm_adv_by_std=a.norm_adv_by_std,
+            adv_eps=a.adv_eps, overlong_filter=a.overlong_filter,
+        )  # fmt: skip
+    return broadcast_batch(batch)
+
+
+def old_logprobs(s: TrainingSession, batch: TrainBatch) -> Dict[str, float]:
+    """Recompute pi_old on the trainer (unless ``algo.use_rollout_logprobs``) and measure its gap to
+    the engine's log-probs. TIS itself is applied inside the actor's loss when ``algo.tis.enable``."""
+    if s.cfg.algo.use_rollout_logprobs:
+        return {}
+    batch.old_logprobs = s.actor.compute_logprobs(batch, temperature=s.cfg.rollout.temperature)
+    _, tis = tis_weights(batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask, cap=s.cfg.algo.tis.cap)
+    tokens = max(float(tis["num_tokens"]), 1.0)
+    return {
+        "rollout/logprob_gap_mean": float(tis["mismatch_abs_sum"]) / tokens,
+        "rollout/logprob_gap_max": float(tis["mismatch_max"]),
+        "rollout/tis_capped_frac": float(tis["capped_sum"]) / tokens,
+    }
+
+
+def train_actor(s: TrainingSession, batch: TrainBatch) -> Dict[str, float]:
+    out = metrics_of("actor", s.actor.train_step(batch, temperature=s.cfg.rollout.temperature))
+    out["actor/tokens_per_s"] = out["actor/num_tokens"] / max(out["actor/time_total_s"], 1e-9)
+    return out
+
+
+def sync_engines(s: TrainingSession, *, version: int) -> Dict[str, float]:
+    """Collective: resume colocated engine memory, push the actor's weights, stamp ``version``."""
+    if s.rank0 and s.cfg.rollout.mode == "colocated":
+        for engine in s.engines:
+            s.run(engine.resume_memory())
+    out = push_weights(s.actor, s.engines if s.rank0 else [], version=version, run=s.run if s.rank0 else None)
+    if s.rank0:
+        out["sync/weight_version"] = float(min(e.weight_version for e in s.engines))
+    return out
+
+
+def run_eval(s: TrainingSession) -> Dict[str, float]:
+    """Rank 0: avg@k on ``data.eval_files`` with the engines' current weights (``{}`` without eval data)."""
+    if not s.rank0 or s.eval_data is None:
+        return {}
+    e, r = s.cfg.eval, s.cfg.rollout
+    params = SamplingParams(n=e.n_samples, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_response_len)
+    data, ids = s.eval_data
+    return evaluate(s.engines, data, ids, reward_fn=s.reward_fn, decode=s.decode, params=params, seed=r.seed,
+                    concurrency=r.max_concurrency, timeout_s=r.request_timeout_s, run=s.run)  # fmt: skip
+
+
+def log_step(s: TrainingSession, step: int, stats: Dict[str, float]) -> Dict[str, float]:
+    """Rank 0: write one metrics line (console, jsonl, wandb) with GPU stats when there is a GPU."""
+    if not s.rank0:
+        return {}
+    from dapo_megatron.observability.gpu import gpu_metrics
+
+    stats = {**stats, **gpu_metrics()}
+    if torch.cuda.is_available():
+        stats["gpu/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    s.logger.log(step, stats)
+    return stats

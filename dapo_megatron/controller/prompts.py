@@ -1,0 +1,41 @@
+"""Prompt sources for the rollout: dataset rows, tokenized once, drawn by a resumable sampler.
+
+A source is a callable ``source(k) -> List[PromptItem]`` (what ``StreamingRollout.run`` asks for a
+generation round). ``Group.prompt_index`` is the dataset row index, so a step's batch order (groups
+sorted by it) is a function of which rows were drawn, not of which engine finished first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+from dapo_megatron.data.dataset import PromptDataset
+from dapo_megatron.data.sampler import ResumableSampler
+from dapo_megatron.rollout.generator import PromptItem
+
+
+def tokenize_all(
+    dataset: PromptDataset, tokenizer: Any, *, apply_chat_template: bool, max_prompt_len: int
+) -> List[List[int]]:
+    """Prompt ids of every row (raises ``PromptTooLongError`` naming the first row over the limit)."""
+    return [
+        dataset.tokenize(i, tokenizer, apply_chat_template=apply_chat_template, max_prompt_len=max_prompt_len)
+        for i in range(len(dataset))
+    ]
+
+
+class SampledPrompts:
+    """``source(k)``: the next ``k`` rows of ``sampler`` as :class:`PromptItem` s (epochs wrap)."""
+
+    def __init__(self, dataset: PromptDataset, prompt_ids: List[List[int]], sampler: ResumableSampler):
+        if len(prompt_ids) != len(dataset):
+            raise ValueError(f"SampledPrompts: {len(prompt_ids)} tokenized prompts for {len(dataset)} rows")
+        self.dataset, self.prompt_ids, self.sampler = dataset, prompt_ids, sampler
+
+    def __call__(self, k: int) -> List[PromptItem]:
+        return [self.item(i) for i in self.sampler.next_indices(k)]
+
+    def item(self, i: int) -> PromptItem:
+        row = self.dataset[i]
+        meta = {"data_source": row.data_source, "problem_key": row.problem_key}
+        return PromptItem(i, list(self.prompt_ids[i]), row.ground_truth, meta)

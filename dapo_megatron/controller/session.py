@@ -1,0 +1,246 @@
+"""Everything a training run holds, built from one :class:`~dapo_megatron.config.Config`.
+
+Every trainer rank builds the process groups, the Megatron actor and the run paths. Trainer rank 0
+also owns the driver side: tokenizer, prompt data, reward, the rollout engines on a private event
+loop, the streaming rollout, evaluation data and the metrics logger. Other ranks receive each
+step's batch by broadcast (``controller/loop.py``).
+
+Resume (``run.resume`` and a checkpoint in ``<run.dir>/checkpoints``) restores the actor (weights,
+optimizer, scheduler, RNG) and, through ``extra_state``, the data sampler and the dynamic-sampling
+state (next group id, carried groups), so a resumed run draws the same prompts with the same seeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch.distributed as dist
+
+from dapo_megatron.config import Config
+from dapo_megatron.controller.engines import build_engines, read_hf_config
+from dapo_megatron.controller.prompts import SampledPrompts, tokenize_all
+from dapo_megatron.controller.run_dir import RunPaths, prepare_run_dir
+from dapo_megatron.rollout.base import SamplingParams
+
+STEP_DIR = "step_{:06d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def start_trainer(cfg: Config) -> tuple:
+    """Process groups and the actor on this rank: returns ``(env, topology, spec, actor)``."""
+    from dapo_megatron.megatron.actor import MegatronActor
+    from dapo_megatron.megatron.model import model_spec_from_hf
+    from dapo_megatron.parallel.init import init_distributed, init_model_parallel
+    from dapo_megatron.parallel.topology import Topology
+
+    spec = model_spec_from_hf(read_hf_config(cfg.model.hf_path))
+    env = init_distributed()
+    p = cfg.parallel
+    if p.world_size and p.world_size != env.world_size:
+        raise ValueError(f"parallel.world_size={p.world_size} but the launcher started {env.world_size} ranks")
+    topology = Topology(
+        world_size=env.world_size, tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, cp=p.context, ep=p.expert
+    )
+    init_model_parallel(topology, seed=cfg.model.seed)
+    actor = MegatronActor(
+        spec, topology, model_cfg=cfg.model, optim_cfg=cfg.optim, train_cfg=cfg.train, algo_cfg=cfg.algo,
+        max_response_len=cfg.rollout.max_response_len, total_steps=cfg.train.total_steps,
+        prompts_per_step=cfg.rollout.prompts_per_step, group_size=cfg.rollout.n_samples_per_prompt,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+    )  # fmt: skip
+    return env, topology, spec, actor
+
+
+class TrainingSession:
+    """The run's live objects; use as a context manager so engines and process groups are released.
+
+    Attributes (``None`` on ranks other than 0 where marked):
+        cfg, paths, rank0, actor, start_step (the last completed step: 0 for a fresh run);
+        tokenizer*, rollout* (``StreamingRollout``), engines*, logger*, eval_data* (or None).
+    """
+
+    def __init__(self, cfg: Config, *, console: bool = True):
+        self.cfg = cfg
+        self.env, self.topology, self.spec, self.actor = start_trainer(cfg)
+        self.rank0 = self.env.rank == 0
+        if self.rank0:
+            self.paths = prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, config=cfg)
+        _barrier()
+        self.paths = RunPaths.under(cfg.run.dir)
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.engines: List[Any] = []
+        self.logger: Any = None
+        self.eval_data: Optional[tuple] = None
+        if self.rank0:
+            self._build_driver()
+        self.start_step = self._restore()
+        if self.rank0:  # after _restore: it may rewrite metrics.jsonl, which the logger appends to
+            from dapo_megatron.observability.sinks import MetricsLogger, wandb_settings
+
+            wandb_cfg = wandb_settings(cfg.run) if cfg.run.wandb else None
+            self.logger = MetricsLogger(self.paths.root, console=console, wandb_cfg=wandb_cfg)
+
+    # ------------------------------------------------------------------ rank-0 driver side
+    def _build_driver(self) -> None:
+        from transformers import AutoTokenizer
+
+        from dapo_megatron.data.dataset import PromptDataset
+        from dapo_megatron.data.sampler import ResumableSampler
+        from dapo_megatron.rewards import get_reward_fn
+        from dapo_megatron.rollout.generator import StreamingRollout
+
+        cfg, r, a = self.cfg, self.cfg.rollout, self.cfg.algo
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        if not cfg.data.train_files:
+            raise ValueError("data.train_files is empty: give parquet/jsonl prompt files (DAPO-Math schema)")
+        data, _ = PromptDataset.from_files(
+            list(cfg.data.train_files), dedup=cfg.data.dedup, template=cfg.data.template,
+            skip_malformed=cfg.data.skip_malformed,
+        )  # fmt: skip
+        ids = tokenize_all(data, self.tokenizer, apply_chat_template=cfg.data.apply_chat_template,
+                           max_prompt_len=r.max_prompt_len)  # fmt: skip
+        self.sampler = ResumableSampler(len(data), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        self.prompts = SampledPrompts(data, ids, self.sampler)
+        self.reward_fn = TimedReward(get_reward_fn(cfg.reward.name, cfg.reward.timeout_s))
+        self.loop = asyncio.new_event_loop()
+        self.engines = build_engines(cfg, self.paths.root)
+        sampling = SamplingParams(n=r.n_samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                  max_new_tokens=r.max_response_len, seed=r.seed)  # fmt: skip
+        self.rollout = StreamingRollout(
+            self.engines, self.reward_fn, tokenizer_decode=self.decode, sampling=sampling,
+            max_response_len=r.max_response_len, target_groups=r.prompts_per_step,
+            gen_prompts_per_round=r.gen_prompts_per_round, overlong_enable=a.overlong_buffer.enable,
+            overlong_len=a.overlong_buffer.len, overlong_penalty_factor=a.overlong_buffer.penalty_factor,
+            filter_metric=a.filter_groups.metric, filter_enable=a.filter_groups.enable,
+            max_num_gen_batches=a.filter_groups.max_num_gen_batches, on_exhausted=a.filter_groups.on_exhausted,
+            max_concurrency=r.max_concurrency, request_timeout_s=r.request_timeout_s, max_retries=r.max_retries,
+            keep_surplus=r.keep_surplus,
+        )  # fmt: skip
+        if cfg.data.eval_files:
+            edata, _ = PromptDataset.from_files(list(cfg.data.eval_files), template=cfg.data.template)
+            eids = tokenize_all(edata, self.tokenizer, apply_chat_template=cfg.data.apply_chat_template,
+                                max_prompt_len=r.max_prompt_len)  # fmt: skip
+            self.eval_data = (edata, eids)
+
+    def decode(self, ids: List[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def run(self, coro: Any) -> Any:
+        """Run an engine coroutine on the driver's event loop (rank 0)."""
+        assert self.loop is not None, "engine calls happen on trainer rank 0 only"
+        return self.loop.run_until_complete(coro)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _restore(self) -> int:
+        from dapo_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint
+
+        found = latest_checkpoint(self.paths.checkpoints_dir) if self.cfg.run.resume else None
+        if found is None:
+            if self.cfg.model.load:
+                load_checkpoint(self.actor, self.cfg.model.load, model_only=True)
+            return 0
+        step, extra = load_checkpoint(self.actor, found)
+        if self.rank0:
+            self.sampler.load_state_dict(extra["sampler"])
+            self.rollout.load_state_dict(extra["rollout"])
+            _truncate_metrics(self.paths.metrics_path, step)
+        return step
+
+    def save(self, step: int) -> str:
+        """Collective: checkpoint ``step`` (actor + sampler + dynamic-sampling state), prune old ones."""
+        from dapo_megatron.megatron.checkpoint import save_checkpoint
+
+        extra = {"sampler": self.sampler.state_dict(), "rollout": self.rollout.state_dict()} if self.rank0 else {}
+        path = os.path.join(self.paths.checkpoints_dir, STEP_DIR.format(step))
+        save_checkpoint(self.actor, path, step=step, extra_state=extra)
+        if self.rank0:
+            _prune_checkpoints(self.paths.checkpoints_dir, keep=self.cfg.run.keep_checkpoints)
+        return path
+
+    # ------------------------------------------------------------------ teardown
+    def __enter__(self) -> TrainingSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        from dapo_megatron.parallel.init import shutdown
+
+        if self.loop is not None:
+            for engine in self.engines:
+                self.run(engine.shutdown())
+            self.loop.close()
+            self.loop = None
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        shutdown()
+
+
+class TimedReward:
+    """A reward function that adds up the seconds spent in it (scoring runs in worker threads,
+    overlapping generation, so this is CPU time of the reward, not a slice of the step's wall time)."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self._seconds, self._lock = fn, 0.0, threading.Lock()
+
+    def __call__(self, text: str, ground_truth: str) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.fn(text, ground_truth)
+        finally:
+            with self._lock:
+                self._seconds += time.perf_counter() - start
+
+    def take_seconds(self) -> float:
+        """Seconds since the last call, and reset."""
+        with self._lock:
+            seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+
+def _prune_checkpoints(checkpoints_dir: str, *, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``step_*`` folders (``keep <= 0`` keeps all)."""
+    if keep <= 0:
+        return
+    steps = sorted(d for d in os.listdir(checkpoints_dir) if d.startswith("step_") and "." not in d)
+    for name in steps[:-keep]:
+        shutil.rmtree(os.path.join(checkpoints_dir, name), ignore_errors=True)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines of steps after ``step`` (logged before a crash, redone after resume); atomic."""
+    import json
+
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:  # a line torn by the crash: drop it
+            continue
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def metrics_of(prefix: str, stats: Dict[str, float], keys: Optional[Callable[[str], bool]] = None) -> Dict[str, float]:
+    """``stats`` with ``prefix/`` in front of every key (optionally only the keys ``keys`` accepts)."""
+    return {f"{prefix}/{k}": float(v) for k, v in stats.items() if keys is None or keys(k)}

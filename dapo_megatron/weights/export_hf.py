@@ -1,0 +1,211 @@
+"""Export a megatron dist checkpoint (a training checkpoint at any layout, or a converted one) to HF.
+
+    dapo-megatron export --ckpt runs/x/checkpoints/step_100 --hf-dir Qwen2.5-7B \\
+        --out exported/step_100 --dtype bfloat16
+
+``--hf-dir`` is the HF folder the run started from: its ``config.json`` describes the architecture
+(the checkpoint stores only tensors), and its ``generation_config.json`` and tokenizer files are
+copied. The output folder has ``config.json`` (the source config with the dtype updated),
+``generation_config.json``, safetensors shards with an index, and the tokenizer files; it loads
+with ``transformers.AutoModelForCausalLM.from_pretrained`` unchanged.
+
+Streaming: the checkpoint is read one transformer layer at a time (dist_checkpointing loads just
+the requested global slices, whatever TP/PP layout saved them), and the shard writer holds at most
+one output shard, so memory is bounded by one layer plus one shard (``--max-shard-size``). Only the
+model weights are read; optimizer state in a training checkpoint is ignored. The output folder is
+written atomically (temporary sibling, renamed at the end; removed on failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch
+
+from dapo_megatron.weights import dist_layout, mapping
+from dapo_megatron.weights.hf_io import HFCheckpointError, read_hf_config, write_hf_folder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+class ExportError(ValueError):
+    """The checkpoint does not match the architecture, or an input is missing."""
+
+
+def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_export_args(p)
+    return p.parse_args(argv)
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    """The export options (shared by this tool and ``dapo-megatron export``)."""
+    p.add_argument("--ckpt", required=True, help="megatron dist checkpoint folder")
+    p.add_argument("--hf-dir", required=True, help="source HF folder (config, generation config, tokenizer)")
+    p.add_argument("--out", required=True, help="output HF folder (must not exist)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="output dtype (default: the source's)")
+    p.add_argument("--max-shard-size", type=int, default=5 * 1024**3, help="bytes per safetensors shard")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _source_dtype(config: dict) -> str:
+    name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    return name if name in DTYPES else "bfloat16"
+
+
+def output_config(config: dict, dtype: str) -> dict:
+    """The source config with its dtype fields (v4 ``torch_dtype``, v5 ``dtype``) set to ``dtype``."""
+    out = dict(config)
+    out["torch_dtype"] = dtype
+    if "dtype" in out or "transformers_version" in out:
+        out["dtype"] = dtype
+    return out
+
+
+def generation_config(hf_dir: Path, config: dict) -> dict:
+    """The source's generation_config.json, or one made from the config's token ids."""
+    path = hf_dir / "generation_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: config[k] for k in keys if config.get(k) is not None}
+
+
+# ----------------------------------------------------------------------------- checkpoint reading
+def checkpoint_vocab_rows(metadata: Dict[str, Any], spec: Any) -> int:
+    """Validate the checkpoint's tensors against ``spec``; return the padded vocab rows."""
+    emb = metadata.get("embedding.word_embeddings.weight")
+    if emb is None:
+        raise ExportError("checkpoint has no 'embedding.word_embeddings.weight' (not a GPT model checkpoint?)")
+    rows = emb.global_shape[0]
+    if rows < spec.vocab_size:
+        raise ExportError(f"checkpoint embedding has {rows} rows < the config's vocab_size={spec.vocab_size}")
+    for name, shape in mapping.megatron_shapes(spec, rows).items():
+        key, layer = dist_layout.checkpoint_key(name)
+        want = tuple(shape) if layer is None else (spec.num_layers, *shape)
+        found = metadata.get(key)
+        if found is None:
+            raise ExportError(f"checkpoint lacks tensor {key!r} that the config implies")
+        if tuple(found.global_shape) != want:
+            raise ExportError(
+                f"checkpoint tensor {key!r} has shape {list(found.global_shape)}, config implies {list(want)}"
+            )
+    return rows
+
+
+def _load_items(ckpt: str, items: List[mapping.ConvItem], spec: Any, rows: int, metadata) -> Dict[str, torch.Tensor]:
+    """Full (TP=1) tensors of ``items`` read from ``ckpt`` (only those slices are read)."""
+    from megatron.core import dist_checkpointing
+
+    shapes = mapping.megatron_shapes(spec, rows)
+    request: Dict[str, Any] = {}
+    for item in items:
+        dtype = metadata[dist_layout.checkpoint_key(item.megatron_name)[0]].dtype
+        shape = shapes[item.megatron_name]
+        if item.kind == mapping.FC1:  # two pieces of one key; separate buffers, concatenated below
+            half = (shape[0] // 2, *shape[1:])
+            data = (torch.empty(half, dtype=dtype), torch.empty(half, dtype=dtype))
+        else:
+            data = torch.empty(shape, dtype=dtype)
+        for k, st in enumerate(
+            dist_layout.sharded_tensors(item.megatron_name, data, spec.num_layers, explicit_layer_axis=True)
+        ):
+            request[f"{item.megatron_name}#{k}"] = st
+    # A per-layer request covers only part of each global tensor: skip the whole-tensor coverage check.
+    loaded = dist_checkpointing.load(request, ckpt, validate_access_integrity=False)
+    out = {}
+    for item in items:
+        # Layer pieces come back as [1, ...] slices; gate/up pieces are consecutive row blocks.
+        parts = [loaded[k].reshape(-1) for k in sorted(loaded) if k.rsplit("#", 1)[0] == item.megatron_name]
+        out[item.megatron_name] = torch.cat(parts).view(shapes[item.megatron_name])
+    return out
+
+
+def iter_hf_tensors(ckpt: str, spec: Any, dtype: torch.dtype, progress: bool) -> Iterator[Tuple[str, torch.Tensor]]:
+    """HF tensors of the checkpoint, one megatron layer at a time, in conversion-plan order."""
+    from megatron.core import dist_checkpointing
+    from tqdm import tqdm
+
+    metadata = dist_checkpointing.load_tensors_metadata(ckpt)
+    rows = checkpoint_vocab_rows(metadata, spec)
+    index = mapping.conversion_index(spec)
+    groups = [mapping.conversion_plan(spec, layers=[], include_post=False)]
+    groups += [mapping.conversion_plan(spec, layers=[i], include_pre=False, include_post=False)
+               for i in range(spec.num_layers)]  # fmt: skip
+    groups.append(mapping.conversion_plan(spec, layers=[], include_pre=False))
+    for items in tqdm(groups, desc="megatron->hf", unit="layer", disable=not progress, file=sys.stderr):
+        tensors = _load_items(ckpt, items, spec, rows, metadata)
+        for item in items:
+            for hf_name, t in mapping.megatron_to_hf(spec, item.megatron_name, tensors.pop(item.megatron_name), index):
+                yield hf_name, t.to(dtype)
+
+
+# ----------------------------------------------------------------------------- main
+def _init_process_group() -> bool:
+    """A private world of one (dist_checkpointing needs a process group); True if created here."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    from dapo_megatron.parallel.cpu_compat import apply_cpu_compat, needs_cpu_compat
+
+    if needs_cpu_compat():
+        apply_cpu_compat()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def export(ckpt: str, hf_dir: str, out: str, dtype: str | None = None, *, max_shard_bytes: int = 5 * 1024**3,
+           progress: bool = True) -> None:  # fmt: skip
+    """Write the HF folder ``out`` from ``ckpt`` using ``hf_dir``'s config and tokenizer."""
+    import torch.distributed as dist
+
+    from dapo_megatron.megatron.model import model_spec_from_hf
+
+    src = Path(hf_dir)
+    config = read_hf_config(src)
+    try:
+        spec = model_spec_from_hf(config)
+        mapping.check_spec(spec)
+    except (ValueError, KeyError) as e:
+        raise ExportError(f"{src / 'config.json'}: {e}") from None
+    if not Path(ckpt, "metadata.json").is_file():
+        raise ExportError(f"{ckpt}: not a megatron dist checkpoint (no metadata.json)")
+    dtype = dtype or _source_dtype(config)
+    created = _init_process_group()
+    try:
+        write_hf_folder(
+            out,
+            iter_hf_tensors(ckpt, spec, DTYPES[dtype], progress),
+            config=output_config(config, dtype),
+            extra_json={"generation_config.json": generation_config(src, config)},
+            copy_files=[src / f for f in TOKENIZER_FILES if (src / f).is_file()],
+            max_shard_bytes=max_shard_bytes,
+        )
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def main(argv: List[str] | None = None) -> int:
+    return run_export(parse_args(argv))
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export as the parsed ``args`` say; 0 on success, 2 with a one-line error on bad input."""
+    try:
+        export(args.ckpt, args.hf_dir, args.out, args.dtype, max_shard_bytes=args.max_shard_size,
+               progress=not args.no_progress)  # fmt: skip
+    except (ExportError, HFCheckpointError, FileExistsError) as e:
+        print(f"convert_megatron_to_hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"convert_megatron_to_hf: wrote {args.out}", file=sys.stderr)
+    return 0
