@@ -59,6 +59,28 @@ def test_local_tiny_sbatch_two_rank_gloo_allreduce(slurm_cluster, tmp_path):  # 
     assert f"master localhost:{port}" in output  # common.sh derived the rendezvous from the nodelist
 
 
+def test_local_tiny_sbatch_trains_at_tp2(slurm_cluster, tmp_path):  # noqa: F811
+    """The repo's sbatch script with its default command: `dapo-megatron train` on 2 SLURM tasks."""
+    import subprocess
+
+    assets = tmp_path / "assets"
+    subprocess.run([sys.executable, "-m", "dapo_megatron", "demo", "--assets-only", str(assets), "--config",
+                    str(REPO / "examples" / "tiny_cpu.yaml")], check=True, capture_output=True, timeout=120)  # fmt: skip
+    run_dir = tmp_path / "run"
+    port = str(30000 + os.getpid() % 1000)
+    env = _job_env(tmp_path, RUN_DIR=str(run_dir), MASTER_PORT=port, DEMO_ASSETS=str(assets))
+    job_id, state = slurm_cluster.submit_and_wait(
+        str(REPO / "slurm" / "local_tiny.sbatch"), args=["parallel.tensor=2"], env=env, timeout_s=400, cwd=str(tmp_path)
+    )
+    output = (tmp_path / f"dapo-tiny-{job_id}.out").read_text()
+    assert state == "COMPLETED", output[-4000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "reward/acc" in r] == [1, 2]
+    assert records[-1]["sync/weight_version"] == 2 and "eval/acc" in records[-1]
+    assert (run_dir / "checkpoints" / "step_000002" / "meta.pt").is_file()
+    assert "tensor: 2" in (run_dir / "config.yaml").read_text()
+
+
 def test_failing_job_reports_its_output(slurm_cluster, tmp_path):  # noqa: F811
     env = _job_env(tmp_path, RUN_DIR=str(tmp_path / "run"), DAPO_CMD="echo rank-$SLURM_PROCID-says-bye; exit 3")
     with pytest.raises(AssertionError, match=r"(?s)JobState=FAILED.*rank-[01]-says-bye"):

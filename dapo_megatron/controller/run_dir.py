@@ -23,6 +23,9 @@ from typing import Any, Optional
 MARKER = ".dapo_megatron_run"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+# What the sbatch scripts put into a fresh run folder before the trainer starts (slurm/common.sh
+# makes logs/, `dapo-megatron plan --json` writes placement.json): such a folder is still "new".
+LAUNCHER_ENTRIES = {"logs", "placement.json"}
 
 
 class RunDirError(RuntimeError):
@@ -98,7 +101,7 @@ def _check_reusable(paths: RunPaths, resume: bool) -> None:
     root = paths.root
     if os.path.exists(root) and not os.path.isdir(root):
         raise RunDirError(f"run.dir {root!r} is a file, not a folder; choose another run.dir")
-    if not os.path.isdir(root) or not os.listdir(root):
+    if not os.path.isdir(root) or set(os.listdir(root)) <= LAUNCHER_ENTRIES:
         return
     if not is_run_dir(root):
         raise RunDirError(
