@@ -91,6 +91,12 @@ def test_validation_errors_name_the_key(overrides, fragments):
         assert fragment in str(info.value), (fragment, str(info.value))
 
 
+def test_exponent_without_a_dot_is_a_number_and_a_word_is_not():
+    assert load_config(None, ["optim.lr=5e-4"]).optim.lr == 5e-4  # YAML 1.1 would read a string
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
+
+
 def test_disabled_overlong_buffer_may_exceed_the_window():
     cfg = load_config(None, ["rollout.max_response_len=2048", "algo.overlong_buffer.enable=false"])
     assert cfg.algo.overlong_buffer.len == 4096
