@@ -64,7 +64,7 @@ def test_overrides_apply_on_top_of_a_file(tmp_path):
     "overrides,fragments",
     [
         (["algo.clip_ratio_hi=0.3"], ["algo.clip_ratio_hi", "unknown key", "known keys", "clip_ratio_high"]),
-        (["algoo.x=1"], ["algoo", "unknown key", "top level", "algo, data, eval, model"]),
+        (["algoo.x=1"], ["algoo", "unknown key", "top level", "algo, data, demo, eval, model"]),
         (["rollout.max_response_len=abc"], ["rollout.max_response_len", "expected an integer", "'abc'"]),
         (["train.total_steps=true"], ["train.total_steps", "expected an integer"]),
         (["algo.overlong_filter=1"], ["algo.overlong_filter", "expected true or false"]),
