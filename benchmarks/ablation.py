@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(REPO, "examples", "demo_cpu.yaml")
-TASK = ["demo.ops=[+,*]", "demo.max_operand=30", "demo.num_eval=150"]
+TASK = ['demo.ops=["+","*"]', "demo.max_operand=30", "demo.num_eval=150"]
 GRPO = [
     "algo.clip_ratio_high=0.2", "algo.loss_agg_mode=seq-mean-token-mean",
     "algo.overlong_buffer.enable=false", "algo.filter_groups.enable=false",

@@ -64,8 +64,9 @@ def test_local_tiny_sbatch_trains_at_tp2(slurm_cluster, tmp_path):  # noqa: F811
     import subprocess
 
     assets = tmp_path / "assets"
-    subprocess.run([sys.executable, "-m", "dapo_megatron", "demo", "--assets-only", str(assets), "--config",
-                    str(REPO / "examples" / "tiny_cpu.yaml")], check=True, capture_output=True, timeout=120)  # fmt: skip
+    tiny = str(REPO / "examples" / "tiny_cpu.yaml")
+    cmd = [sys.executable, "-m", "dapo_megatron", "demo", "--assets-only", str(assets), "--config", tiny]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     run_dir = tmp_path / "run"
     port = str(30000 + os.getpid() % 1000)
     env = _job_env(tmp_path, RUN_DIR=str(run_dir), MASTER_PORT=port, DEMO_ASSETS=str(assets))
