@@ -19,7 +19,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -72,8 +72,8 @@ def with_assets(cfg: Config, assets: DemoAssets, *, load: str = "") -> Config:
     )
 
 
-def _sft_examples(cfg: Config, tokenizer: Any) -> List[List[int]]:
-    """Token ids ``prompt + "Answer: <n>" + eos`` of every training row, and the prompt lengths."""
+def _sft_examples(cfg: Config, tokenizer: Any) -> List[Tuple[List[int], List[int]]]:
+    """``(prompt ids, answer ids)`` of every training row; the answer is ``"Answer: <n>"`` + eos."""
     from dapo_megatron.controller.prompts import tokenize_all
     from dapo_megatron.data.dataset import PromptDataset
 
