@@ -74,11 +74,9 @@ def with_assets(cfg: Config, assets: DemoAssets, *, load: str = "") -> Config:
 
 def _sft_examples(cfg: Config, tokenizer: Any) -> List[Tuple[List[int], List[int]]]:
     """``(prompt ids, answer ids)`` of every training row; the answer is ``"Answer: <n>"`` + eos."""
-    from dapo_megatron.controller.prompts import tokenize_all
-    from dapo_megatron.data.dataset import PromptDataset
+    from dapo_megatron.controller.prompts import load_prompts
 
-    data, _ = PromptDataset.from_files(list(cfg.data.train_files), template="none")
-    prompts = tokenize_all(data, tokenizer, apply_chat_template=True, max_prompt_len=cfg.rollout.max_prompt_len)
+    data, prompts = load_prompts(cfg.data.train_files, tokenizer, cfg)
     out = []
     for i, p in enumerate(prompts):
         answer = tokenizer.encode(f"Answer: {data[i].ground_truth}", add_special_tokens=False)
@@ -146,24 +144,18 @@ def eval_hf_folder(cfg: Config, model_dir: str) -> Dict[str, float]:
     """avg@k of the HF model in ``model_dir`` on ``data.eval_files`` through a fresh embedded engine."""
     from transformers import AutoTokenizer
 
-    from dapo_megatron.controller.evaluate import evaluate
-    from dapo_megatron.controller.prompts import tokenize_all
-    from dapo_megatron.data.dataset import PromptDataset
+    from dapo_megatron.controller.evaluate import eval_sampling, evaluate
+    from dapo_megatron.controller.prompts import load_prompts
     from dapo_megatron.rewards import get_reward_fn
-    from dapo_megatron.rollout.base import SamplingParams
     from dapo_megatron.rollout.embedded import EmbeddedEngine
 
     if not cfg.data.eval_files:
         raise ValueError("data.eval_files is empty: give the evaluation parquet/jsonl files")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    data, _ = PromptDataset.from_files(list(cfg.data.eval_files), template=cfg.data.template)
-    ids = tokenize_all(data, tok, apply_chat_template=cfg.data.apply_chat_template,
-                       max_prompt_len=cfg.rollout.max_prompt_len)  # fmt: skip
-    e = cfg.eval
-    params = SamplingParams(n=e.n_samples, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_response_len)
+    data, ids = load_prompts(cfg.data.eval_files, tok, cfg)
     engine = EmbeddedEngine.from_pretrained(model_dir)
     return evaluate([engine], data, ids, reward_fn=get_reward_fn(cfg.reward.name, cfg.reward.timeout_s),
-                    decode=lambda t: tok.decode(t, skip_special_tokens=True), params=params,
+                    decode=lambda t: tok.decode(t, skip_special_tokens=True), params=eval_sampling(cfg.eval),
                     seed=cfg.rollout.seed)  # fmt: skip
 
 

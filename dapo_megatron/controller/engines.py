@@ -11,7 +11,6 @@ initial weights never matter.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, List
@@ -22,18 +21,19 @@ PLACEMENT_FILE = "placement.json"
 
 
 def read_hf_config(hf_path: str) -> dict:
-    """``config.json`` of ``model.hf_path`` as a dict, with a clear error when it is missing or bad."""
-    path = os.path.join(hf_path, "config.json")
-    if not hf_path or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"model.hf_path={hf_path!r}: expected a folder with config.json and tokenizer files "
-            "(an HF model folder; `dapo-megatron demo` writes one for the tiny demo model)"
-        )
+    """``config.json`` of ``model.hf_path`` as a dict; the error names the config key."""
+    from dapo_megatron.weights.hf_io import HFCheckpointError
+    from dapo_megatron.weights.hf_io import read_hf_config as read_folder_config
+
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not hf_path:
+            raise HFCheckpointError("empty")
+        return read_folder_config(hf_path)
+    except HFCheckpointError as e:
+        raise ValueError(
+            f"model.hf_path={hf_path!r}: expected an HF model folder with config.json and tokenizer files "
+            f"(`dapo-megatron demo` writes one for the tiny demo model): {e}"
+        ) from None
 
 
 def build_engines(cfg: Config, run_dir: str) -> List[Any]:

@@ -14,6 +14,12 @@ from dapo_megatron.data.dataset import PromptDataset, eval_avg_at_k
 from dapo_megatron.rollout.base import SamplingParams
 
 
+def eval_sampling(eval_cfg: Any) -> SamplingParams:
+    """Sampling of evaluation responses from ``cfg.eval`` (k = ``n_samples`` per row)."""
+    e = eval_cfg
+    return SamplingParams(n=e.n_samples, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_response_len)
+
+
 async def _sample_rows(engines: Sequence[Any], prompt_ids: List[List[int]], params: SamplingParams, *,
                        seed: int, concurrency: int, timeout_s: float) -> List[list]:
     """Completions of every row, rows spread round-robin over ``engines``."""

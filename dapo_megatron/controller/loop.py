@@ -14,11 +14,10 @@ import torch.distributed as dist
 from dapo_megatron.algo import tis_weights
 from dapo_megatron.config import Config
 from dapo_megatron.controller.batch import build_train_batch, reward_metrics
-from dapo_megatron.controller.evaluate import evaluate
+from dapo_megatron.controller.evaluate import eval_sampling, evaluate
 from dapo_megatron.controller.session import TrainingSession, metrics_of
 from dapo_megatron.controller.weight_sync import push_weights
 from dapo_megatron.observability.timers import PhaseTimer
-from dapo_megatron.rollout.base import SamplingParams
 from dapo_megatron.types import Group, TrainBatch
 
 
@@ -135,10 +134,10 @@ def run_eval(s: TrainingSession) -> Dict[str, float]:
     """Rank 0: avg@k on ``data.eval_files`` with the engines' current weights (``{}`` without eval data)."""
     if not s.rank0 or s.eval_data is None:
         return {}
-    e, r = s.cfg.eval, s.cfg.rollout
-    params = SamplingParams(n=e.n_samples, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_response_len)
+    r = s.cfg.rollout
     data, ids = s.eval_data
-    return evaluate(s.engines, data, ids, reward_fn=s.reward_fn, decode=s.decode, params=params, seed=r.seed,
+    return evaluate(s.engines, data, ids, reward_fn=s.reward_fn, decode=s.decode, params=eval_sampling(s.cfg.eval),
+                    seed=r.seed,
                     concurrency=r.max_concurrency, timeout_s=r.request_timeout_s, run=s.run)  # fmt: skip
 
 

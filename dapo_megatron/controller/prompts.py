@@ -7,8 +7,9 @@ sorted by it) is a function of which rows were drawn, not of which engine finish
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Sequence, Tuple
 
+from dapo_megatron.config import Config
 from dapo_megatron.data.dataset import PromptDataset
 from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.rollout.generator import PromptItem
@@ -22,6 +23,18 @@ def tokenize_all(
         dataset.tokenize(i, tokenizer, apply_chat_template=apply_chat_template, max_prompt_len=max_prompt_len)
         for i in range(len(dataset))
     ]
+
+
+def load_prompts(
+    files: Sequence[str], tokenizer: Any, cfg: Config, *, dedup: bool = False, skip_malformed: bool = False
+) -> Tuple[PromptDataset, List[List[int]]]:
+    """Rows of ``files`` and their prompt ids, with ``cfg.data``'s template and chat-template choice and
+    ``cfg.rollout.max_prompt_len`` as the bound (the one way train, eval and warm-up data are read)."""
+    data, _ = PromptDataset.from_files(list(files), dedup=dedup, template=cfg.data.template,
+                                       skip_malformed=skip_malformed)  # fmt: skip
+    ids = tokenize_all(data, tokenizer, apply_chat_template=cfg.data.apply_chat_template,
+                       max_prompt_len=cfg.rollout.max_prompt_len)  # fmt: skip
+    return data, ids
 
 
 class SampledPrompts:

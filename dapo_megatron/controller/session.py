@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from dapo_megatron.config import Config
 from dapo_megatron.controller.engines import build_engines, read_hf_config
-from dapo_megatron.controller.prompts import SampledPrompts, tokenize_all
+from dapo_megatron.controller.prompts import SampledPrompts, load_prompts
 from dapo_megatron.controller.run_dir import RunPaths, prepare_run_dir
 from dapo_megatron.rollout.base import SamplingParams
 
@@ -93,7 +93,6 @@ class TrainingSession:
     def _build_driver(self) -> None:
         from transformers import AutoTokenizer
 
-        from dapo_megatron.data.dataset import PromptDataset
         from dapo_megatron.data.sampler import ResumableSampler
         from dapo_megatron.rewards import get_reward_fn
         from dapo_megatron.rollout.generator import StreamingRollout
@@ -102,12 +101,8 @@ class TrainingSession:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
         if not cfg.data.train_files:
             raise ValueError("data.train_files is empty: give parquet/jsonl prompt files (DAPO-Math schema)")
-        data, _ = PromptDataset.from_files(
-            list(cfg.data.train_files), dedup=cfg.data.dedup, template=cfg.data.template,
-            skip_malformed=cfg.data.skip_malformed,
-        )  # fmt: skip
-        ids = tokenize_all(data, self.tokenizer, apply_chat_template=cfg.data.apply_chat_template,
-                           max_prompt_len=r.max_prompt_len)  # fmt: skip
+        data, ids = load_prompts(cfg.data.train_files, self.tokenizer, cfg, dedup=cfg.data.dedup,
+                                 skip_malformed=cfg.data.skip_malformed)  # fmt: skip
         self.sampler = ResumableSampler(len(data), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.prompts = SampledPrompts(data, ids, self.sampler)
         self.reward_fn = TimedReward(get_reward_fn(cfg.reward.name, cfg.reward.timeout_s))
@@ -126,10 +121,7 @@ class TrainingSession:
             keep_surplus=r.keep_surplus,
         )  # fmt: skip
         if cfg.data.eval_files:
-            edata, _ = PromptDataset.from_files(list(cfg.data.eval_files), template=cfg.data.template)
-            eids = tokenize_all(edata, self.tokenizer, apply_chat_template=cfg.data.apply_chat_template,
-                                max_prompt_len=r.max_prompt_len)  # fmt: skip
-            self.eval_data = (edata, eids)
+            self.eval_data = load_prompts(cfg.data.eval_files, self.tokenizer, cfg)
 
     def decode(self, ids: List[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
