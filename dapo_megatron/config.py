@@ -430,7 +430,12 @@ class RunConfig:
         wandb: log to Weights & Biases.
         wandb_project: W&B project.
         wandb_mode: ``online``, ``offline`` or ``disabled``.
-        dump_rollouts: write each step's rollouts to ``dir/rollouts/step_N.jsonl``.
+        dump_rollouts: write each step's rollouts (the kept groups the actor trains on) to
+            ``dir/rollouts/step_N.jsonl``.
+        replay_rollouts: a ``rollouts/`` folder dumped by an earlier run: each step trains on its
+            ``step_N.jsonl`` instead of generating. No engine is started; weight sync and eval are
+            skipped. With the same initial weights this reproduces the dumped run's updates exactly,
+            which isolates the trainer from the engines when debugging.
     """
 
     dir: str = "runs/default"
@@ -443,6 +448,7 @@ class RunConfig:
     wandb_project: str = "dapo_megatron"
     wandb_mode: str = "offline"
     dump_rollouts: bool = False
+    replay_rollouts: str = ""
 
     def __post_init__(self) -> None:
         _check(self.save_every >= 0, "run.save_every", "must be >= 0")

@@ -239,3 +239,14 @@ def test_dump_and_replay_round_trip(tmp_path):
     dump_groups(groups, str(path))
     again = load_groups(str(path))
     assert again == groups
+    assert [p.name for p in tmp_path.iterdir()] == ["step.jsonl"]  # no temporary file left behind
+
+
+def test_replay_of_a_damaged_dump_names_file_and_line(tmp_path):
+    groups, _ = run(rollout([FakeEngine({i: "mixed" for i in range(3)})]), Source())
+    path = tmp_path / "step.jsonl"
+    dump_groups(groups, str(path))
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2] + "\n")  # a torn second line
+    with pytest.raises(ValueError, match=rf"{path.name}:2: not a dumped rollout group"):
+        load_groups(str(path))

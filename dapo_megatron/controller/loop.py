@@ -6,6 +6,7 @@ rank 0 drives the engines and broadcasts the batch; every rank trains and joins 
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -18,7 +19,10 @@ from dapo_megatron.controller.evaluate import eval_sampling, evaluate
 from dapo_megatron.controller.session import TrainingSession, metrics_of
 from dapo_megatron.controller.weight_sync import push_weights
 from dapo_megatron.observability.timers import PhaseTimer
+from dapo_megatron.rollout.generator import dump_groups, load_groups
 from dapo_megatron.types import Group, TrainBatch
+
+ROLLOUT_FILE = "step_{}.jsonl"  # one dumped step (run.dump_rollouts), read back by run.replay_rollouts
 
 
 def train(cfg: Config, *, console: bool = True) -> Dict[str, float]:
@@ -29,12 +33,12 @@ def train(cfg: Config, *, console: bool = True) -> Dict[str, float]:
     last: Dict[str, float] = {}
     with TrainingSession(cfg, console=console) as s:
         sync_engines(s, version=s.start_step)  # engines serve the restored (or initial) policy
-        if s.start_step == 0 and cfg.run.eval_every > 0:
+        if s.start_step == 0 and cfg.run.eval_every > 0 and not cfg.run.replay_rollouts:
             log_step(s, 0, run_eval(s))  # the "before" accuracy
         for step in range(s.start_step + 1, cfg.train.total_steps + 1):
             timer = PhaseTimer()
             with timer("generate"):
-                groups, stats = collect_groups(s)  # 1-2: streaming rollout, dynamic sampling, reward + overlong
+                groups, stats = collect_groups(s, step)  # 1-2: streaming rollout, dynamic sampling, reward + overlong
             batch = make_batch(s, groups)  # 3: group-relative advantages, broadcast to every rank
             with timer("logprob"):
                 stats.update(old_logprobs(s, batch))  # 4-5: old log-probs (or bypass), TIS mismatch
@@ -55,18 +59,18 @@ def _due(step: int, every: int, total: int) -> bool:
     return every > 0 and (step % every == 0 or step == total)
 
 
-def collect_groups(s: TrainingSession) -> Tuple[Optional[List[Group]], Dict[str, float]]:
+def collect_groups(s: TrainingSession, step: int) -> Tuple[Optional[List[Group]], Dict[str, float]]:
     """Rank 0: one step of groups and rollout metrics. Failures reach every rank (no hung broadcast)."""
     error: List[Optional[str]] = [None]
     groups, stats = None, {}
     if s.rank0:
         try:
-            groups, stats = s.run(s.rollout.run(s.prompts))
+            groups, stats = _generate_or_replay(s, step)
             stats.update(reward_metrics(groups))
             stats["time/reward_s"] = s.reward_fn.take_seconds()
-            stats["rollout/stale_samples"] = float(sum(
-                smp.weight_version != s.engines[0].weight_version for g in groups for smp in g.samples
-            ))  # fmt: skip  # on-policy: every sample comes from the weights of the previous step
+            if s.cfg.run.dump_rollouts:
+                os.makedirs(s.paths.rollouts_dir, exist_ok=True)
+                dump_groups(groups, os.path.join(s.paths.rollouts_dir, ROLLOUT_FILE.format(step)))
             if s.cfg.rollout.mode == "colocated":
                 for engine in s.engines:  # colocated engines give their memory to the trainer meanwhile
                     s.run(engine.release_memory())
@@ -78,6 +82,20 @@ def collect_groups(s: TrainingSession) -> Tuple[Optional[List[Group]], Dict[str,
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise RuntimeError(f"rollout failed on trainer rank 0: {error[0]}")
+    return groups, stats
+
+
+def _generate_or_replay(s: TrainingSession, step: int) -> Tuple[List[Group], Dict[str, float]]:
+    if s.cfg.run.replay_rollouts:  # the debug seam: a dumped step instead of the engines
+        path = os.path.join(s.cfg.run.replay_rollouts, ROLLOUT_FILE.format(step))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"run.replay_rollouts={s.cfg.run.replay_rollouts!r}: no {os.path.basename(path)} "
+                                    "(a folder written by run.dump_rollouts=true, one file per step)")  # fmt: skip
+        return load_groups(path), {"rollout/replayed": 1.0}
+    groups, stats = s.run(s.rollout.run(s.prompts))
+    stats["rollout/stale_samples"] = float(sum(
+        smp.weight_version != s.engines[0].weight_version for g in groups for smp in g.samples
+    ))  # fmt: skip  # on-policy: every sample comes from the weights of the previous step
     return groups, stats
 
 
@@ -120,7 +138,10 @@ def train_actor(s: TrainingSession, batch: TrainBatch) -> Dict[str, float]:
 
 
 def sync_engines(s: TrainingSession, *, version: int) -> Dict[str, float]:
-    """Collective: resume colocated engine memory, push the actor's weights, stamp ``version``."""
+    """Collective: resume colocated engine memory, push the actor's weights, stamp ``version``.
+    Nothing to do when replaying dumped rollouts (no engines; every rank knows it from the config)."""
+    if s.cfg.run.replay_rollouts:
+        return {}
     if s.rank0 and s.cfg.rollout.mode == "colocated":
         for engine in s.engines:
             s.run(engine.resume_memory())
@@ -132,7 +153,7 @@ def sync_engines(s: TrainingSession, *, version: int) -> Dict[str, float]:
 
 def run_eval(s: TrainingSession) -> Dict[str, float]:
     """Rank 0: avg@k on ``data.eval_files`` with the engines' current weights (``{}`` without eval data)."""
-    if not s.rank0 or s.eval_data is None:
+    if not s.rank0 or s.eval_data is None or not s.engines:
         return {}
     r = s.cfg.rollout
     data, ids = s.eval_data

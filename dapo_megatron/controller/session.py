@@ -80,6 +80,7 @@ class TrainingSession:
         self.engines: List[Any] = []
         self.logger: Any = None
         self.eval_data: Optional[tuple] = None
+        self.rollout: Any = None
         if self.rank0:
             self._build_driver()
         self.start_step = self._restore()
@@ -107,6 +108,11 @@ class TrainingSession:
         self.prompts = SampledPrompts(data, ids, self.sampler)
         self.reward_fn = TimedReward(get_reward_fn(cfg.reward.name, cfg.reward.timeout_s))
         self.loop = asyncio.new_event_loop()
+        if cfg.run.replay_rollouts:  # training on dumped steps: no engines, no rollout
+            if not os.path.isdir(cfg.run.replay_rollouts):
+                raise FileNotFoundError(f"run.replay_rollouts={cfg.run.replay_rollouts!r}: expected the rollouts/ "
+                                        "folder of a run trained with run.dump_rollouts=true")  # fmt: skip
+            return
         self.engines = build_engines(cfg, self.paths.root)
         sampling = SamplingParams(n=r.n_samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                   max_new_tokens=r.max_response_len, seed=r.seed)  # fmt: skip
@@ -143,7 +149,8 @@ class TrainingSession:
         step, extra = load_checkpoint(self.actor, found)
         if self.rank0:
             self.sampler.load_state_dict(extra["sampler"])
-            self.rollout.load_state_dict(extra["rollout"])
+            if self.rollout is not None:
+                self.rollout.load_state_dict(extra["rollout"])
             _truncate_metrics(self.paths.metrics_path, step)
         return step
 
@@ -151,7 +158,9 @@ class TrainingSession:
         """Collective: checkpoint ``step`` (actor + sampler + dynamic-sampling state), prune old ones."""
         from dapo_megatron.megatron.checkpoint import save_checkpoint
 
-        extra = {"sampler": self.sampler.state_dict(), "rollout": self.rollout.state_dict()} if self.rank0 else {}
+        extra = {}
+        if self.rank0:
+            extra = {"sampler": self.sampler.state_dict(), "rollout": self.rollout.state_dict() if self.rollout else {}}
         path = os.path.join(self.paths.checkpoints_dir, STEP_DIR.format(step))
         save_checkpoint(self.actor, path, step=step, extra_state=extra)
         if self.rank0:

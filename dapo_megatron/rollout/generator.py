@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
@@ -324,8 +325,10 @@ class StreamingRollout:
 
 # ---------------------------------------------------------------------- debug seam
 def dump_groups(groups: Sequence[Group], path: str) -> None:
-    """One JSON object per line per group (samples as dicts): replay a step with :func:`load_groups`."""
-    with open(path, "w") as f:
+    """One JSON object per line per group (samples as dicts): replay a step with :func:`load_groups`.
+    Written to a temporary name and renamed, so a crash never leaves a partial dump behind."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         for g in groups:
             f.write(
                 json.dumps(
@@ -338,12 +341,24 @@ def dump_groups(groups: Sequence[Group], path: str) -> None:
                 )
                 + "\n"
             )
+    os.replace(tmp, path)
 
 
 def load_groups(path: str) -> List[Group]:
-    """Inverse of :func:`dump_groups` (Sample validation runs again on load)."""
+    """Inverse of :func:`dump_groups` (Sample validation runs again on load). A malformed line raises a
+    ``ValueError`` naming the file and line."""
+    groups = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [
-        Group(r["prompt_index"], r["ground_truth"], [Sample(**s) for s in r["samples"]], r["metadata"]) for r in rows
-    ]
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                samples = [Sample(**s) for s in r["samples"]]
+                groups.append(Group(r["prompt_index"], r["ground_truth"], samples, r["metadata"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{path}:{lineno}: not a dumped rollout group (expected prompt_index, ground_truth, metadata "
+                    f"and samples as written by dump_groups): {type(e).__name__}: {e}"
+                ) from None
+    return groups
