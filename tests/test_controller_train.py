@@ -32,11 +32,14 @@ def _export(assets, ckpt, out):
     return load_file(str(next(Path(out).glob("*.safetensors"))))
 
 
+TINY_RUN = ("train.total_steps=3", "train.ppo_mini_batch_size=4")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(assets, tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny") / "run"
     # One update per step, so step 1's update starts exactly at the rollout policy.
-    _train(assets, run, "train.total_steps=3", "train.ppo_mini_batch_size=4", "run.keep_checkpoints=3")
+    _train(assets, run, *TINY_RUN, "run.keep_checkpoints=3", "run.dump_rollouts=true")
     return run
 
 
@@ -122,19 +125,18 @@ def test_bad_inputs_fail_with_a_named_error(assets, tmp_path):
     assert done.returncode == 2 and "model.hf_path='/nonexistent'" in done.stderr
 
 
-def test_replayed_rollouts_reproduce_the_run_without_engines(assets, tmp_path):
-    steps = ["train.total_steps=2", "run.eval_every=0"]
-    dumped, replayed = tmp_path / "dumped", tmp_path / "replayed"
-    _train(assets, dumped, *steps, "run.dump_rollouts=true")
-    rollouts = dumped / "rollouts"
-    assert sorted(p.name for p in rollouts.iterdir()) == ["step_1.jsonl", "step_2.jsonl"]
-    _train(assets, replayed, *steps, f"run.replay_rollouts={rollouts}")
+def test_replayed_rollouts_reproduce_the_run_without_engines(tiny_run, assets, tmp_path):
+    rollouts = tiny_run / "rollouts"
+    assert sorted(p.name for p in rollouts.iterdir()) == ["step_1.jsonl", "step_2.jsonl", "step_3.jsonl"]
+    replayed = tmp_path / "replayed"
+    _train(assets, replayed, *TINY_RUN, "run.eval_every=0", f"run.replay_rollouts={rollouts}")
     records = read_metrics(str(replayed))
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["rollout/replayed"] == 1 and "sync/weight_version" not in r for r in records)  # no engine ran
-    assert [r["reward/mean"] for r in records] == [r["reward/mean"] for r in read_metrics(str(dumped))]
-    a = _export(assets, dumped / "checkpoints" / "step_000002", tmp_path / "a")
-    b = _export(assets, replayed / "checkpoints" / "step_000002", tmp_path / "b")
+    original = [r for r in read_metrics(str(tiny_run)) if r["step"] > 0]
+    assert [r["reward/mean"] for r in records] == [r["reward/mean"] for r in original]
+    a = _export(assets, tiny_run / "checkpoints" / "step_000003", tmp_path / "a")
+    b = _export(assets, replayed / "checkpoints" / "step_000003", tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same updates, bit for bit
 
 
