@@ -9,8 +9,9 @@
 #   CUDA_VISIBLE_DEVICES  its GPUs (node-local ids), so the server sees exactly its devices
 # Default (SGLang; DAPO_MODEL = HF model folder):
 #   python -m sglang.launch_server --model-path "$DAPO_MODEL" --host 0.0.0.0 --port "$ENGINE_PORT" --tp-size "$ENGINE_TP"
-# vLLM instead, for example:
-#   ENGINE_CMD='vllm serve "$DAPO_MODEL" --port "$ENGINE_PORT" --tensor-parallel-size "$ENGINE_TP"'
+# The trainer talks to these servers with SGLang's HTTP API (rollout.engine=sglang), so ENGINE_CMD must
+# start a server that speaks it. vLLM is not started here: rollout.engine=vllm runs vLLM inside the
+# trainer's rank-0 process (dapo_megatron/rollout/vllm.py) and needs no engine nodes.
 # ROUTER_CMD runs on the plan's router node with ROUTER_PORT and WORKER_URLS (space-separated) set.
 set -euo pipefail
 plan=${1:?usage: engines_on_node.sh PLAN_JSON}
