@@ -51,11 +51,9 @@ def build_engines(cfg: Config, run_dir: str) -> List[Any]:
         max_len = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
         # Random initial weights: the trainer pushes its own before the first rollout, so reading the
         # checkpoint from disk would only cost start-up time (and the folder may hold no weights at all).
-        return [
-            VLLMEngine(cfg.model.hf_path, seed=cfg.rollout.seed + i, max_model_len=max_len, load_format="dummy",
-                       gpu_memory_utilization=cfg.rollout.mem_fraction_static)
-            for i in range(n)
-        ]
+        options = dict(max_model_len=max_len, load_format="dummy", colocated=cfg.rollout.mode == "colocated",
+                       gpu_memory_utilization=cfg.rollout.mem_fraction_static)  # fmt: skip
+        return [VLLMEngine(cfg.model.hf_path, seed=cfg.rollout.seed + i, **options) for i in range(n)]
     if kind == "sglang":
         return [_sglang_from_placement(os.path.join(run_dir, PLACEMENT_FILE), cfg.rollout.engine_tensor_parallel)]
     raise ValueError(f"rollout.engine={kind!r}: expected embedded, vllm or sglang")

@@ -95,6 +95,7 @@ class VLLMEngine:
     Args:
         model_path: HF directory (config + weights).
         dtype / seed / max_model_len / max_num_seqs: passed to ``vllm.LLM``.
+        colocated: the engine shares GPUs with the trainer, so ``release_memory`` must free them (sleep mode).
         llm_kwargs: any other ``vllm.LLM`` argument (e.g. ``gpu_memory_utilization``).
     """
 
@@ -106,17 +107,22 @@ class VLLMEngine:
         seed: int = 0,
         max_model_len: int = 2048,
         max_num_seqs: int = 64,
+        colocated: bool = False,
         **llm_kwargs: Any,
     ):
         vllm, self._TokensPrompt = _import_vllm()
         from vllm.platforms import current_platform
 
-        self._vllm, self._on_cuda = vllm, current_platform.is_cuda()
+        self._vllm = vllm
         if current_platform.is_cpu():
             # On CPU vLLM reserves gpu_memory_utilization x *host* RAM (0.92 by default) and refuses to start
             # when less is free -- next to a trainer in the same machine it always is. A fixed KV cache
             # skips that reservation; the tiny CPU models need far less than this.
             llm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        if colocated and current_platform.is_sleep_mode_available():
+            # release_memory/resume_memory use vLLM's sleep mode, which must be chosen at start (it
+            # routes allocations through the cumem allocator); not available on CPU.
+            llm_kwargs.setdefault("enable_sleep_mode", True)
         self.llm = vllm.LLM(
             model=model_path,
             skip_tokenizer_init=True,
@@ -128,6 +134,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             **llm_kwargs,
         )
+        self._sleeps = bool(llm_kwargs.get("enable_sleep_mode"))
         self._lock = threading.Lock()  # vLLM's LLM is not re-entrant: one generate or reload at a time
         self._abort_epoch, self._version, self._alive, self._paused = 0, 0, True, threading.Event()
         self._paused.set()
@@ -239,12 +246,13 @@ class VLLMEngine:
         self._paused.set()
 
     async def release_memory(self) -> None:
-        """Sleep mode needs a GPU; a no-op on CPU."""
-        if hasattr(self.llm, "sleep") and self._on_cuda:
+        """Sleep level 1 (weights offloaded to host memory, KV cache dropped) when started ``colocated`` on a
+        GPU; a no-op otherwise."""
+        if self._sleeps:
             await asyncio.to_thread(self.llm.sleep, 1)
 
     async def resume_memory(self) -> None:
-        if hasattr(self.llm, "wake_up") and self._on_cuda:
+        if self._sleeps:
             await asyncio.to_thread(self.llm.wake_up)
 
     async def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
