@@ -125,7 +125,10 @@ def measure(name: str, args: argparse.Namespace) -> dict:
 
 
 def _child(name: str, args: argparse.Namespace, queue) -> None:
-    queue.put(measure(name, args))
+    try:
+        queue.put(measure(name, args))
+    except torch.cuda.OutOfMemoryError:  # the naive variant needs ~9x the logits; say so instead of dying
+        queue.put({"oom": True})
 
 
 def run_isolated(name: str, args: argparse.Namespace) -> dict:
@@ -149,6 +152,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args()
     results = {name: run_isolated(name, args) for name in VARIANTS}
+    for name, r in results.items():
+        if r.get("oom"):
+            print(f"{name}: out of device memory at {args.tokens} tokens; run again with a smaller --tokens")
+            return 1
     c, n = results["chunked"], results["naive"]
     gap = max((torch.tensor(c[k]) - torch.tensor(n[k])).abs().max().item() for k in ("logp", "entropy"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
