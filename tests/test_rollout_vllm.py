@@ -96,6 +96,7 @@ def test_generate_logprobs_and_live_weight_update(model_dir, engine):
             torch.tensor(c.logprobs), teacher_forced(hf, prompt, c.token_ids, 0.8), atol=1e-4, rtol=1e-4
         )
 
+    # Tied embeddings (the fixture's config): only the embedding is sent, and the LM head must follow it.
     gen = torch.Generator().manual_seed(1)
     new = {
         k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in hf.state_dict().items() if k != "lm_head.weight"
