@@ -15,11 +15,12 @@ per token and already global):
     d H_i    / d z_ij = -p_ij (z_ij - lse_i + H_i)
     d / d logits      = (d / d z) / T
 
-Memory: tokens are processed ``chunk_size`` at a time, so the fp32 ``[chunk, V/tp]`` working set is
-the only vocabulary-sized temporary, in the forward and again in the backward (softmax is
-recomputed there from the saved ``lse``). Saved for backward: a reference to the logits (no copy),
-the targets and three fp32 values per token. The backward writes the logits gradient (logits'
-dtype, the logits' size; unavoidable) chunk by chunk into one buffer. The logits are never copied
+Memory: tokens are processed ``chunk_size`` at a time, so fp32 ``[chunk, V/tp]`` buffers are the only
+vocabulary-sized temporaries: two at most (``z`` and ``exp(z - m)``, reused in place), in the forward
+and again in the backward (softmax is recomputed there from the saved ``lse``). Saved for backward:
+a reference to the logits (no copy), the targets and three fp32 values per token. The backward
+writes the logits gradient (logits' dtype, the logits' size; unavoidable) chunk by chunk into one
+buffer. The logits are never copied
 whole: leading dimensions are flattened by views where the strides allow, else walked block by
 block (so a slice such as ``logits[:, :-1]`` or a transposed ``[s, b, v]`` view costs nothing).
 
@@ -61,13 +62,20 @@ def _all_reduce(t: Tensor, group: Any, op: str) -> Tensor:
 
 def _scaled(logits: Tensor, temperature: float, vocab_start: int, valid_vocab_size: Optional[int]) -> Tensor:
     """``logits / T`` in fp32 (fp64 for fp64 input) with columns at global index >= ``valid_vocab_size``
-    set to ``-inf``."""
-    z = logits.to(_math_dtype(logits.dtype)) / temperature
+    set to ``-inf``: one fresh buffer (never a view of ``logits``), which callers may overwrite."""
+    z = logits.to(_math_dtype(logits.dtype), copy=True)
+    if temperature != 1.0:
+        z.div_(temperature)
     if valid_vocab_size is not None:
         local_valid = valid_vocab_size - vocab_start
         if local_valid < z.shape[-1]:
             z[:, max(local_valid, 0) :] = float("-inf")
     return z
+
+
+def _zero_nonfinite_(z: Tensor) -> Tensor:
+    """``z`` with its -inf (masked) entries set to 0, in place: where ``p = 0``, ``p * z`` must be 0, not nan."""
+    return z.masked_fill_(torch.isfinite(z).logical_not_(), 0.0)
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -121,11 +129,10 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row stays -inf below
             idx, owned = _target_index(targets[s:e], vocab_start, local_vocab)
             z_target = torch.where(owned, z.gather(-1, idx.unsqueeze(-1)).squeeze(-1), torch.zeros_like(m))
-            exp = torch.exp(z - m.unsqueeze(-1))
+            exp = (z - m.unsqueeze(-1)).exp_()
             sums = [exp.sum(dim=-1), z_target]
-            if compute_entropy:
-                finite_z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-                sums.append((exp * finite_z).sum(dim=-1))
+            if compute_entropy:  # exp and z are overwritten in place: two [chunk, V] buffers at most
+                sums.append(exp.mul_(_zero_nonfinite_(z)).sum(dim=-1))
             sums = _all_reduce(torch.stack(sums), group, "sum")
             lse[s:e] = m + torch.log(sums[0])
             logp[s:e] = sums[1] - lse[s:e]
@@ -152,18 +159,22 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         for s, block in _chunks(logits, chunk_size):
             e = s + block.shape[0]
             z = _scaled(block, temperature, vocab_start, valid_vocab_size)
-            p = torch.exp(z - lse[s:e].unsqueeze(-1))  # 0 on masked / -inf columns
+            p = (z - lse[s:e].unsqueeze(-1)).exp_()  # 0 on masked / -inf columns
             g_lp = grad_logp[s:e] if grad_logp is not None else torch.zeros_like(lse[s:e])
-            coeff = g_lp.unsqueeze(-1).expand_as(p)
+            # d/dz = -p * (g_lp + g_H * (z + H - lse)), plus g_lp at the target; built in z's and p's
+            # buffers, so the backward also holds two [chunk, V] fp32 buffers at most.
             if use_entropy:
-                finite_z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-                shift = (entropy[s:e] - lse[s:e]).unsqueeze(-1)
-                coeff = coeff + grad_entropy[s:e].unsqueeze(-1) * (finite_z + shift)
-            grad_z = -p * coeff
+                coeff = _zero_nonfinite_(z).add_((entropy[s:e] - lse[s:e]).unsqueeze(-1))
+                coeff.mul_(grad_entropy[s:e].unsqueeze(-1)).add_(g_lp.unsqueeze(-1))
+            else:
+                coeff = g_lp.unsqueeze(-1)
+            grad_z = p.mul_(coeff).neg_()
             idx, owned = _target_index(targets[s:e], vocab_start, local_vocab)
             rows = torch.nonzero(owned).squeeze(-1)
             grad_z[rows, idx[rows]] += g_lp[rows]
-            grad_logits[s:e] = (grad_z / temperature).to(logits.dtype)
+            if temperature != 1.0:
+                grad_z.div_(temperature)
+            grad_logits[s:e] = grad_z  # cast to the logits' dtype on the copy
             del z, p, coeff, grad_z
         return grad_logits.view(logits.shape), None, None, None, None, None, None
 
