@@ -153,7 +153,7 @@ def sync_engines(s: TrainingSession, *, version: int) -> Dict[str, float]:
 
 def run_eval(s: TrainingSession) -> Dict[str, float]:
     """Rank 0: avg@k on ``data.eval_files`` with the engines' current weights (``{}`` without eval data)."""
-    if not s.rank0 or s.eval_data is None or not s.engines:
+    if not s.rank0 or s.eval_data is None:  # None also when replaying (no engines)
         return {}
     r = s.cfg.rollout
     data, ids = s.eval_data
