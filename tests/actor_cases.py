@@ -116,15 +116,9 @@ def start() -> None:
 
 def finish() -> None:
     """Shut down the process group and dist_checkpointing's Manager process (no orphan survives a kill)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
     from dapo_megatron.parallel.init import shutdown
 
     shutdown()
-    queue = filesystem_async._results_queue
-    if queue is not None:
-        filesystem_async._results_queue = None
-        queue._manager.shutdown()
 
 
 def teardown() -> None:

@@ -97,11 +97,14 @@ def test_sigkill_then_resume_is_bitwise_identical(assets, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _train(assets, straight, *steps)
     args = [*BIN, "train", "--config", TINY, f"run.dir={killed}", *steps]
-    proc = subprocess.Popen(args, env=cli_env(assets), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its own process group, killed whole: like a node failure, which takes the trainer's helper
+    # processes (megatron's checkpoint writer) down with it, so none is left behind.
+    proc = subprocess.Popen(args, env=cli_env(assets), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
     try:
         _wait_for_checkpoint(proc, killed / "checkpoints" / "latest", "step_000002", timeout_s=240)
     finally:
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     interrupted_at = read_metrics(str(killed))[-1]["step"]
     assert interrupted_at < 5, "the run finished before it was killed; the test proves nothing"

@@ -235,10 +235,27 @@ def init_model_parallel(topology: Topology, *, seed: int) -> None:
 
 
 def shutdown() -> None:
-    """Destroy megatron's parallel state and the default process group (safe to call twice)."""
+    """Destroy megatron's parallel state and the default process group, and stop the helper process
+    megatron's checkpoint writer started, if any (safe to call twice)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _stop_checkpoint_manager()
+
+
+def _stop_checkpoint_manager() -> None:
+    """dist_checkpointing's ``torch_dist`` writer keeps a ``multiprocessing`` Manager process for its
+    results queue (a module global in megatron-core 0.16). Stopped here, it cannot outlive its trainer
+    when the trainer's exit skips the interpreter's finalizers (a daemonic test rank, ``os._exit``)."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    queue = getattr(filesystem_async, "_results_queue", None)
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        filesystem_async._results_queue = None
+        manager.shutdown()
