@@ -20,9 +20,9 @@ vocabulary-sized temporaries: two at most (``z`` and ``exp(z - m)``, reused in p
 and again in the backward (softmax is recomputed there from the saved ``lse``). Saved for backward:
 a reference to the logits (no copy), the targets and three fp32 values per token. The backward
 writes the logits gradient (logits' dtype, the logits' size; unavoidable) chunk by chunk into one
-buffer. The logits are never copied
-whole: leading dimensions are flattened by views where the strides allow, else walked block by
-block (so a slice such as ``logits[:, :-1]`` or a transposed ``[s, b, v]`` view costs nothing).
+buffer. The logits are never copied whole: leading dimensions are flattened by views where the
+strides allow, else walked block by block (so a slice such as ``logits[:, :-1]`` or a transposed
+``[s, b, v]`` view costs nothing).
 
 Vocabulary padding: megatron pads the vocabulary to a multiple of ``128 * tp``; the padded rows of
 the output layer produce real logits. ``valid_vocab_size`` masks global columns at or above it to

@@ -28,7 +28,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional
 
 from dapo_megatron.rollout.base import Completion, EngineDeadError, NamedTensors, RequestTimeout, SamplingParams
 
@@ -160,20 +160,6 @@ class VLLMEngine:
             detokenize=False,  # logprobs=0: the sampled token's log-prob only
         )
 
-    def generate_sync(
-        self, prompts: Sequence[List[int]], params: SamplingParams, *, epoch: Optional[int] = None
-    ) -> List[List[Completion]]:
-        """``params.n`` completions per prompt, in one ``LLM.generate`` call; aborted (empty) if ``abort_all``
-        ran since ``epoch``."""
-        if not self._alive:
-            raise EngineDeadError("vLLM engine is shut down")
-        epoch = self._abort_epoch if epoch is None else epoch
-        self._paused.wait()
-        with self._lock:
-            if self._abort_epoch != epoch:
-                return [[Completion([], [], "abort", self._version) for _ in range(params.n)] for _ in prompts]
-            return self._generate_locked([list(p) for p in prompts], [params] * len(prompts))
-
     def _generate_locked(self, prompts: List[List[int]], params: List[SamplingParams]) -> List[List[Completion]]:
         self.generate_calls += 1
         outs = self.llm.generate(
@@ -209,9 +195,11 @@ class VLLMEngine:
 
     def _run_batch(self, batch: List[_Request]) -> None:
         with self._lock:
-            todo = [r for r in batch if r.epoch == self._abort_epoch]
+            todo = []
             for r in batch:
-                if r.epoch != self._abort_epoch:
+                if r.epoch == self._abort_epoch:
+                    todo.append(r)
+                else:  # abort_all ran after it was queued
                     r.future.set_result([Completion([], [], "abort", self._version) for _ in range(r.params.n)])
             if not todo:
                 return
