@@ -29,6 +29,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dapo_megatron", "dapo_megatron.*"]),
+    # Not a package: the sitecustomize that SGLang CPU servers load (rollout/sglang_server.py).
+    package_data={"dapo_megatron.rollout": ["sglang_cpu_shim/sitecustomize.py"]},
     install_requires=CORE,
     extras_require={
         "cpu": CPU,

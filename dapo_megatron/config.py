@@ -237,17 +237,28 @@ class RolloutConfig:
         engine_tensor_parallel: TP degree inside each engine.
         prompts_per_step: valid prompt groups per training step (DAPO: 512).
         n_samples_per_prompt: responses per prompt, the group size G (DAPO: 16).
-        gen_prompts_per_round: prompts submitted per generation round (DAPO: 3 x prompts_per_step).
+        gen_prompts_per_round: prompts of a step's first generation round (DAPO: 3 x prompts_per_step);
+            refill rounds are sized from the observed keep rate, at most this many.
         max_prompt_len: prompts longer than this (in tokens) are rejected.
         max_response_len: L_max, the generation cap in tokens.
         temperature / top_p / top_k: sampling; ``top_k=-1`` disables top-k.
-        max_concurrency: in-flight prompt groups per engine.
+        max_concurrency: in-flight prompt groups per server worker (an engine fronting several
+            workers, like SGLang behind its router, takes this times its live workers).
         request_timeout_s: a request taking longer fails and is retried on another engine.
         max_retries: retries of a failed request before the step fails.
         keep_surplus: keep completed surplus groups for the next step instead of discarding them.
         seed: base seed of sampling.
         router_port / engine_base_port: ports of sglang-router and the first engine server.
         mem_fraction_static: SGLang's static memory fraction per engine.
+        sglang_python: the Python interpreter with SGLang installed, for the servers this run starts
+            (local fleet and ``dapo-megatron engines``); "" means this interpreter. CPU machines build
+            one with ``tools/sglang_env.sh`` (``.venv-sglang/bin/python``).
+        sglang_device: ``auto`` (CUDA when visible, else CPU), ``cuda`` or ``cpu``.
+        sglang_max_total_tokens: KV-pool size in tokens per server; 0 lets SGLang size it on a GPU
+            (on CPU, 0 means 16384).
+        server_start_timeout_s: how long the servers may take to load before the run fails.
+        weight_check_max_gap: the first step's check that the trainer's weights reached the engines:
+            the mean |trainer log-prob - engine log-prob| of the first batch must not exceed this.
     """
 
     engine: str = "embedded"
@@ -270,9 +281,18 @@ class RolloutConfig:
     router_port: int = 30000
     engine_base_port: int = 30010
     mem_fraction_static: float = 0.7
+    sglang_python: str = ""
+    sglang_device: str = "auto"
+    sglang_max_total_tokens: int = 0
+    server_start_timeout_s: float = 900.0
+    weight_check_max_gap: float = 0.05
 
     def __post_init__(self) -> None:
         _choice(self.engine, "rollout.engine", ("embedded", "sglang", "vllm"))
+        _choice(self.sglang_device, "rollout.sglang_device", ("auto", "cuda", "cpu"))
+        _check(self.sglang_max_total_tokens >= 0, "rollout.sglang_max_total_tokens", "must be >= 0 (0: automatic)")
+        _check(self.server_start_timeout_s > 0, "rollout.server_start_timeout_s", "must be > 0")
+        _check(self.weight_check_max_gap > 0, "rollout.weight_check_max_gap", "must be > 0")
         _choice(self.mode, "rollout.mode", ("colocated", "disaggregated"))
         for name in ("num_engines", "engine_tensor_parallel", "prompts_per_step", "n_samples_per_prompt",
                      "max_prompt_len", "max_response_len", "max_concurrency"):

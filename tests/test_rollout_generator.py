@@ -1,7 +1,9 @@
-"""Streaming dynamic sampling on scripted fake engines: filtering, refill, abort of the surplus, the
-round bound, retries, dead engines, and the dump/replay seam."""
+"""Streaming dynamic sampling on scripted fake engines: filtering, refill and its sizing, abort of the
+surplus (nothing starts after it), the round bound, retries, dead engines, per-worker concurrency, and
+the dump/replay seam."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -11,11 +13,13 @@ from dapo_megatron.rollout.base import Completion, EngineDeadError, EngineError,
 from dapo_megatron.rollout.generator import PromptItem, RolloutFailed, StreamingRollout, dump_groups, load_groups
 
 N = 4
+LATE_S = 0.3  # long enough for every fast group of a round to be scored and offered first
 
 
 class FakeEngine:
     """Scripted engine. The prompt's first token picks the script: ``kind[p]`` is "mixed" (2 right,
-    2 wrong), "right", "wrong", or "slow" (blocks until aborted). Token 1 decodes to the right answer."""
+    2 wrong), "right", "wrong", "late" (wrong, after LATE_S), or "slow" (blocks until aborted). Token 1
+    decodes to the right answer."""
 
     def __init__(self, kinds, *, fail_times=0, dead=False, delay=0.0):
         self.kinds, self.fail_times, self.dead, self.delay = kinds, fail_times, dead, delay
@@ -38,8 +42,8 @@ class FakeEngine:
             self._abort = self._abort or asyncio.Event()
             await self._abort.wait()
             return [Completion([7], [-1.0], "abort", self.version) for _ in range(params.n)]
-        await asyncio.sleep(self.delay)
-        right = {"mixed": [1, 1, 2, 2], "right": [1] * N, "wrong": [2] * N}[kind]
+        await asyncio.sleep(LATE_S if kind == "late" else self.delay)
+        right = {"mixed": [1, 1, 2, 2], "right": [1] * N, "wrong": [2] * N, "late": [2] * N}[kind]
         lengths = [3, 8, 10, 12]  # 12 hits max_new_tokens -> "length"
         return [
             Completion(
@@ -250,3 +254,118 @@ def test_replay_of_a_damaged_dump_names_file_and_line(tmp_path):
     path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2] + "\n")  # a torn second line
     with pytest.raises(ValueError, match=rf"{path.name}:2: not a dumped rollout group"):
         load_groups(str(path))
+
+
+class StopRaceEngine(FakeEngine):
+    """Every prompt is "mixed" after ``work_s``. Per the protocol, ``abort_all`` ends only the requests
+    in flight when it is called: one started later runs on until its timeout. ``events`` records
+    "generate" and "abort" in call order."""
+
+    def __init__(self, work_s=0.02):
+        super().__init__({}, delay=0.0)
+        self.work_s, self.events, self._running = work_s, [], set()
+
+    async def generate(self, prompt_ids, params, *, timeout_s):
+        self.events.append("generate")
+        aborted = asyncio.Event()
+        self._running.add(aborted)
+        try:
+            late = "abort" in self.events  # nothing will ever abort this request
+            await asyncio.wait_for(aborted.wait(), None if late else self.work_s)
+            return [Completion([7], [-1.0], "abort", self.version) for _ in range(params.n)]
+        except asyncio.TimeoutError:
+            self.kinds[prompt_ids[0]] = "mixed"
+            return await super().generate(prompt_ids, params, timeout_s=timeout_s)
+        finally:
+            self._running.discard(aborted)
+
+    async def abort_all(self):
+        self.events.append("abort")
+        for ev in self._running:
+            ev.set()
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+def test_no_request_starts_after_abort(max_concurrency):
+    eng = StopRaceEngine()
+    r = rollout([eng], gen_prompts_per_round=40, max_concurrency=max_concurrency, request_timeout_s=30)
+    start = time.monotonic()
+    groups, m = run(r, Source())
+    elapsed = time.monotonic() - start
+    assert len(groups) == 2 and eng.events.count("abort") == 1
+    first_abort = eng.events.index("abort")
+    # Tasks waiting for a slot when the batch filled must give up, not send fresh requests that the
+    # abort does not cover (and that the stop would then wait out, up to request_timeout_s).
+    assert eng.events[first_abort:].count("generate") == 0
+    assert elapsed < 5
+    assert r._next_gid == m["ds/generated_groups"] + m["rollout/aborted_groups"] == 40
+
+
+@pytest.mark.parametrize(
+    "kinds, target, per_round, refill",
+    [
+        # 3 of 10 kept, none in flight: need = ceil(1 / 0.3) = 4, +25% -> 5
+        ({**{i: "mixed" for i in range(3)}, **{i: "late" for i in range(3, 10)}}, 4, 10, 5),
+        # 6 of 11 kept, 1 in flight (slow) counted at that rate: need = ceil(2 * 11 / 6) - 1 = 3, +25% -> 4
+        ({**{i: "mixed" for i in range(6)}, **{i: "late" for i in range(6, 11)}, 11: "slow"}, 8, 12, 4),
+    ],
+)
+def test_refill_round_is_sized_from_the_keep_rate(kinds, target, per_round, refill):
+    kinds = {**kinds, **{i: "mixed" for i in range(per_round, per_round + 20)}}
+    src = Source()
+    groups, m = run(rollout([FakeEngine(kinds)], target_groups=target, gen_prompts_per_round=per_round), src)
+    assert src.requests == [per_round, refill] and refill < per_round
+    assert len(groups) == target and m["ds/rounds"] == 2
+
+
+def test_refill_with_nothing_kept_yet_submits_a_full_round():
+    src = Source()
+    kinds = {**{i: "late" for i in range(3)}, **{i: "mixed" for i in range(3, 6)}}
+    run(rollout([FakeEngine(kinds)], target_groups=2, gen_prompts_per_round=3), src)
+    assert src.requests == [3, 3]  # no keep rate observed: the user's oversampling
+
+
+class PeakEngine(FakeEngine):
+    """Every prompt is "mixed" after ``delay``; ``seen`` holds, per call, how many calls were running."""
+
+    def __init__(self, num_workers=None, delay=0.05):
+        super().__init__({}, delay=delay)
+        if num_workers is not None:
+            self.num_workers = num_workers
+        self.running, self.seen = 0, []
+
+    async def generate(self, prompt_ids, params, *, timeout_s):
+        self.kinds[prompt_ids[0]] = "mixed"
+        self.running += 1
+        self.seen.append(self.running)
+        try:
+            return await super().generate(prompt_ids, params, timeout_s=timeout_s)
+        finally:
+            self.running -= 1
+
+
+@pytest.mark.parametrize("num_workers, peak", [(None, 2), (1, 2), (3, 6)])
+def test_concurrency_cap_is_per_worker(num_workers, peak):
+    eng = PeakEngine(num_workers)
+    run(rollout([eng], max_concurrency=2, target_groups=12, gen_prompts_per_round=12), Source())
+    assert max(eng.seen) == peak
+
+
+def test_dead_worker_lowers_the_cap_at_the_next_acquire():
+    eng = PeakEngine(num_workers=3)
+    orig = eng.generate
+
+    async def generate(prompt_ids, params, *, timeout_s):
+        out = await orig(prompt_ids, params, timeout_s=timeout_s)
+        eng.num_workers = 1  # a worker died while the first calls ran: one is left
+        return out
+
+    eng.generate = generate
+    run(rollout([eng], max_concurrency=2, target_groups=12, gen_prompts_per_round=12), Source())
+    assert eng.seen[:6] == [1, 2, 3, 4, 5, 6] and max(eng.seen[6:]) <= 2  # read at every acquire
+
+
+def test_zero_workers_still_takes_one_slot_instead_of_blocking():
+    eng = PeakEngine(num_workers=0, delay=0.0)
+    groups, _ = run(rollout([eng], max_concurrency=2, gen_prompts_per_round=4), Source())
+    assert len(groups) == 2 and max(eng.seen) == 2

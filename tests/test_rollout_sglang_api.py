@@ -8,7 +8,8 @@ import torch
 
 from dapo_megatron.rollout import sglang_api as api
 from dapo_megatron.rollout.base import SamplingParams
-from dapo_megatron.rollout.sglang import _buckets, launch_sglang_server
+from dapo_megatron.rollout.sglang import _buckets
+from dapo_megatron.rollout.sglang_server import ServerOptions, launch_sglang_server, server_env
 from dapo_megatron.weights.transports import TensorMeta
 
 FIX = pathlib.Path(__file__).parent / "rollout_fixtures"
@@ -17,7 +18,7 @@ RESP = json.loads((FIX / "sglang_responses.json").read_text())
 
 
 def test_pinned_version():
-    assert api.SGLANG_VERSION == "0.5.6.post2" and api.SGLANG_ROUTER_VERSION == "0.3.2"
+    assert api.SGLANG_VERSION == "0.5.23" and api.SGLANG_ROUTER_VERSION == "0.3.2"
 
 
 def test_generate_request_exact():
@@ -68,27 +69,37 @@ def test_weight_payloads_exact():
     assert got == [(m.name, m.dtype, m.shape) for m in metas] and version == "12" and group == "weight_update_group"
 
 
-def test_update_weights_from_tensor_flattened_bucket():
+def test_update_weight_session_payloads_exact():
+    assert api.begin_weight_update() == REQ["begin_weight_update"]
+    assert api.end_weight_update() == REQ["end_weight_update"]
+    assert api.update_weight_version(12) == REQ["update_weight_version"]
+    assert api.update_weights_from_tensor("<serialized>", version=3, tp_size=2) == REQ["update_weights_from_tensor"]
+
+
+def test_flattened_bucket_layout_and_alignment():
     named = [
         ("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)),
         ("b", torch.tensor([1, 2], dtype=torch.bfloat16)),
     ]
-    seen = {}
-
-    def serialize(obj):
-        seen.update(obj)
-        return "<serialized>"
-
-    body = api.update_weights_from_tensor(named, version=3, tp_size=2, serialize=serialize)
-    assert body == REQ["update_weights_from_tensor"]
-    flat, metas = seen["flattened_tensor"], seen["metadata"]
+    flat = api.flatten_bucket(named)
     assert flat.dtype == torch.uint8 and flat.numel() == 6 * 4 + 2 * 2
-    assert [(m.name, m.start_idx, m.end_idx, m.numel, m.shape) for m in metas] == [
-        ("a", 0, 24, 24, (2, 3)),
-        ("b", 24, 28, 4, (2,)),
-    ]
+    assert torch.equal(flat[:24], named[0][1].reshape(-1).view(torch.uint8))  # raw bytes, in order
+    metas = [TensorMeta("a", "float32", (2, 3)), TensorMeta("b", "bfloat16", (2,))]
     for (n0, t0), (n1, t1) in zip(named, api.unflatten_bucket(flat, metas)):
         assert n0 == n1 and t1.dtype == t0.dtype and torch.equal(t0, t1)
+    with pytest.raises(ValueError, match="not aligned"):  # a float32 after one bf16 element: offset 2
+        api.flatten_bucket([("odd", torch.ones(1, dtype=torch.bfloat16)), ("f", torch.ones(1))])
+
+
+def test_serialized_tensors_are_shared_not_copied():
+    import base64
+    from multiprocessing.reduction import ForkingPickler
+
+    t = torch.arange(1000, dtype=torch.float32)
+    payload = api.serialize_named_tensors([("w", t)])
+    assert len(payload) < 1000  # the 4 kB of data travel through shared memory, not the payload
+    [(name, back)] = ForkingPickler.loads(base64.b64decode(payload))
+    assert name == "w" and torch.equal(back, t)
 
 
 def test_parse_generate_single_stop():
@@ -138,16 +149,20 @@ def test_worker_response_item_round_trips_through_parser():
 
 
 def test_launch_command_and_buckets():
-    argv = launch_sglang_server("/models/q", port=30010, tp=2, mem_fraction_static=0.6, enable_memory_saver=True)
+    opts = ServerOptions("/models/q", host="10.0.0.5", port=30010, tp=2, mem_fraction_static=0.6,
+                         enable_memory_saver=True, api_key="k")  # fmt: skip
+    argv = launch_sglang_server(opts)
     assert argv[:3] == ["python", "-m", "sglang.launch_server"]
-    for flag, value in (
-        ("--model-path", "/models/q"),
-        ("--tp-size", "2"),
-        ("--port", "30010"),
-        ("--mem-fraction-static", "0.6"),
-    ):
+    for flag, value in (("--model-path", "/models/q"), ("--tp-size", "2"), ("--port", "30010"),
+                        ("--host", "10.0.0.5"), ("--mem-fraction-static", "0.6"), ("--api-key", "k")):  # fmt: skip
         assert argv[argv.index(flag) + 1] == value
-    assert "--enable-memory-saver" in argv
+    assert "--enable-memory-saver" in argv and "--device" not in argv
+    cpu = launch_sglang_server(ServerOptions("/m", device="cpu", enable_memory_saver=True))
+    assert cpu[cpu.index("--device") + 1] == "cpu" and "--enable-memory-saver" not in cpu  # CUDA-only saver
+    assert cpu[cpu.index("--max-total-tokens") + 1] == "16384"
+    env = server_env("cpu", base={"PYTHONPATH": "/x"})
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["PYTHONPATH"].endswith(":/x")
+    assert "SGLANG_USE_CPU_ENGINE" not in server_env("cuda", base={})
     named = [(str(i), torch.zeros(10)) for i in range(5)]  # 40 bytes each
     assert [[n for n, _ in b] for b in _buckets(named, 100)] == [["0", "1"], ["2", "3"], ["4"]]
     assert [[n for n, _ in b] for b in _buckets([("big", torch.zeros(100))], 10)] == [["big"]]

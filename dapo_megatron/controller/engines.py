@@ -2,18 +2,24 @@
 
 * ``embedded``: ``rollout.num_engines`` in-process transformers engines (the CPU default);
 * ``vllm``: in-process ``vllm.LLM`` engines on ``model.hf_path``;
-* ``sglang``: servers started by the sbatch script from the saved placement plan
-  (``<run.dir>/placement.json``), reached through the sglang-router.
+* ``sglang``: real SGLang servers. Under sbatch they were started by ``dapo-megatron engines`` from the
+  saved placement plan (``<run.dir>/placement.json``) and are reached through the sglang-router; with
+  no plan, trainer rank 0 starts ``rollout.num_engines`` servers on this machine itself
+  (:class:`~dapo_megatron.rollout.sglang_server.LocalSGLangFleet`, behind a router when there are
+  several) and stops them at the end. Weights travel by ``update_weights_from_tensor`` when colocated
+  and over a broadcast group (NCCL on GPU, gloo on CPU) when disaggregated
+  (:func:`connect_weight_transport`).
 
 Whatever the kind, the trainer pushes its own weights before the first rollout, so an engine's
-initial weights never matter.
+initial weights never matter: SGLang servers start from dummy weights.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
-from typing import Any, List
+from typing import Any, List, Optional
 
 from dapo_megatron.config import Config
 
@@ -55,26 +61,85 @@ def build_engines(cfg: Config, run_dir: str) -> List[Any]:
                        gpu_memory_utilization=cfg.rollout.mem_fraction_static)  # fmt: skip
         return [VLLMEngine(cfg.model.hf_path, seed=cfg.rollout.seed + i, **options) for i in range(n)]
     if kind == "sglang":
-        return [_sglang_from_placement(os.path.join(run_dir, PLACEMENT_FILE), cfg.rollout.engine_tensor_parallel)]
+        read_hf_config(cfg.model.hf_path)
+        plan_path = os.path.join(run_dir, PLACEMENT_FILE)
+        if os.path.isfile(plan_path):
+            return [_sglang_from_placement(cfg, plan_path, run_dir)]
+        return [_local_sglang_fleet(cfg, run_dir)]
     raise ValueError(f"rollout.engine={kind!r}: expected embedded, vllm or sglang")
 
 
-def _sglang_from_placement(path: str, engine_tp: int, *, ready_timeout_s: float = 1800.0) -> Any:
+def sglang_device(cfg: Config) -> str:
+    """``rollout.sglang_device`` with ``auto`` resolved on this machine."""
+    if cfg.rollout.sglang_device != "auto":
+        return cfg.rollout.sglang_device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sglang_server_options(cfg: Config, *, host: str, api_key: Optional[str]) -> Any:
+    """The server options every launcher uses for this run (one code path: local fleet and sbatch)."""
+    from dapo_megatron.rollout.sglang_server import ServerOptions
+
+    r = cfg.rollout
+    return ServerOptions(
+        model_path=cfg.model.hf_path, host=host, tp=r.engine_tensor_parallel, mem_fraction_static=r.mem_fraction_static,
+        device=sglang_device(cfg), enable_memory_saver=r.mode == "colocated", api_key=api_key, seed=r.seed,
+        max_total_tokens=r.sglang_max_total_tokens, extra=("--load-format", "dummy"),
+    )  # fmt: skip
+
+
+def _transport(cfg: Config) -> str:
+    return "tensor" if cfg.rollout.mode == "colocated" else "distributed"
+
+
+def _local_sglang_fleet(cfg: Config, run_dir: str) -> Any:
+    import sys
+
+    from dapo_megatron.rollout.sglang import SGLangEngine
+    from dapo_megatron.rollout.sglang_server import LocalSGLangFleet, new_api_key
+
+    r = cfg.rollout
+    opts = sglang_server_options(cfg, host="127.0.0.1", api_key=new_api_key(run_dir))
+    fleet = LocalSGLangFleet(opts, r.num_engines, python=r.sglang_python or sys.executable,
+                             log_dir=os.path.join(run_dir, "logs"))  # fmt: skip
+    fleet.start(timeout_s=r.server_start_timeout_s)
+    return SGLangEngine(fleet.base_url, worker_urls=fleet.worker_urls, engine_tp=r.engine_tensor_parallel,
+                        api_key=opts.api_key, transport=_transport(cfg), owner=fleet)  # fmt: skip
+
+
+def connect_weight_transport(cfg: Config, engines: List[Any], run: Any) -> None:
+    """Trainer rank 0, after :func:`build_engines`: join the SGLang servers' weight-update group
+    (disaggregated mode). The group's address is this host as the engines reach it: loopback for a
+    local fleet, else ``MASTER_ADDR`` (rank 0's node under sbatch)."""
+    from dapo_megatron.rollout.process import free_port
+    from dapo_megatron.rollout.sglang import SGLangEngine
+
+    for engine in engines:
+        if not isinstance(engine, SGLangEngine) or engine.transport != "distributed":
+            continue
+        local = engine.owner is not None
+        address = "127.0.0.1" if local else os.environ.get("MASTER_ADDR") or socket.gethostname()
+        backend = "nccl" if sglang_device(cfg) == "cuda" else "gloo"
+        run(engine.init_weight_group(address, free_port("127.0.0.1" if local else ""), backend=backend))
+
+
+def _sglang_from_placement(cfg: Config, path: str, run_dir: str, *, ready_timeout_s: float = 1800.0) -> Any:
     from dapo_megatron.controller.placement import load_placement
     from dapo_megatron.rollout.process import wait_http_ok
     from dapo_megatron.rollout.sglang import SGLangEngine
+    from dapo_megatron.rollout.sglang_server import read_api_key
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path}: rollout.engine=sglang reads the engine plan saved by `dapo-megatron plan --json` "
-            "(the sbatch scripts write it before starting the engines)"
-        )
     plan = load_placement(path)
     if not plan.engines:
         raise ValueError(f"{path}: the plan lists no engine servers")
+    api_key = read_api_key(run_dir)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     workers = [e.url for e in plan.engines]
     deadline = time.monotonic() + ready_timeout_s
     for url in workers:  # servers load the model for minutes; wait for each before the first step
-        wait_http_ok(f"{url}/health", timeout_s=max(1.0, deadline - time.monotonic()))
+        wait_http_ok(f"{url}/health", timeout_s=max(1.0, deadline - time.monotonic()), headers=headers)
     router = f"http://{plan.router_host}:{plan.router_port}"
-    return SGLangEngine(router, worker_urls=workers, engine_tp=engine_tp)
+    return SGLangEngine(router, worker_urls=workers, engine_tp=cfg.rollout.engine_tensor_parallel,
+                        api_key=api_key, transport=_transport(cfg))  # fmt: skip

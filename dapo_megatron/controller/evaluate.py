@@ -20,8 +20,15 @@ def eval_sampling(eval_cfg: Any) -> SamplingParams:
     return SamplingParams(n=e.n_samples, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_response_len)
 
 
-async def _sample_rows(engines: Sequence[Any], prompt_ids: List[List[int]], params: SamplingParams, *,
-                       seed: int, concurrency: int, timeout_s: float) -> List[list]:
+async def _sample_rows(
+    engines: Sequence[Any],
+    prompt_ids: List[List[int]],
+    params: SamplingParams,
+    *,
+    seed: int,
+    concurrency: int,
+    timeout_s: float,
+) -> List[list]:
     """Completions of every row, rows spread round-robin over ``engines``."""
     gate = asyncio.Semaphore(max(1, concurrency))
 

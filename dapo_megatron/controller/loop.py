@@ -42,6 +42,8 @@ def train(cfg: Config, *, console: bool = True) -> Dict[str, float]:
             batch = make_batch(s, groups)  # 3: group-relative advantages, broadcast to every rank
             with timer("logprob"):
                 stats.update(old_logprobs(s, batch))  # 4-5: old log-probs (or bypass), TIS mismatch
+            if step == s.start_step + 1:
+                check_weights_arrived(s, stats)
             with timer("train"):
                 stats.update(train_actor(s, batch))  # 6: mini-batch updates (TIS inside the loss)
             with timer("sync"):
@@ -129,6 +131,29 @@ def old_logprobs(s: TrainingSession, batch: TrainBatch) -> Dict[str, float]:
         "rollout/logprob_gap_max": float(tis["mismatch_max"]),
         "rollout/tis_capped_frac": float(tis["capped_sum"]) / tokens,
     }
+
+
+def check_weights_arrived(s: TrainingSession, stats: Dict[str, float]) -> None:
+    """The first step of a run (or of a resume): the engine sampled with the weights the trainer just
+    pushed, so its log-probs of its own samples must match the trainer's recomputation up to numerics.
+    A larger gap means the weights did not arrive (or arrived wrong): stop before training on them.
+    Every rank holds the same batch and stats, so every rank decides the same."""
+    if "rollout/logprob_gap_mean" not in stats or s.cfg.run.replay_rollouts:
+        return  # the trainer reuses the rollout log-probs, or replays dumped steps: nothing to compare
+    gap, worst, bound = (
+        stats["rollout/logprob_gap_mean"],
+        stats["rollout/logprob_gap_max"],
+        s.cfg.rollout.weight_check_max_gap,
+    )
+    if s.rank0:
+        print(f"weight check (first step): mean |trainer - engine| log-prob gap {gap:.3g}, max {worst:.3g}, "
+              f"bound {bound:g} (rollout.weight_check_max_gap)", flush=True)  # fmt: skip
+    if not gap <= bound:
+        raise RuntimeError(
+            f"the engine's log-probs differ from the trainer's by {gap:.3g} on average (max {worst:.3g}) at the first "
+            f"step, above rollout.weight_check_max_gap={bound:g}: the trainer's weights did not reach the "
+            f"{s.cfg.rollout.engine} engines intact (check the weight-name mapping, dtype and the sync transport)"
+        )
 
 
 def train_actor(s: TrainingSession, batch: TrainBatch) -> Dict[str, float]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch.distributed as dist
 
 from dapo_megatron.config import Config
-from dapo_megatron.controller.engines import build_engines, read_hf_config
+from dapo_megatron.controller.engines import build_engines, connect_weight_transport, read_hf_config
 from dapo_megatron.controller.prompts import SampledPrompts, load_prompts
 from dapo_megatron.controller.run_dir import RunPaths, prepare_run_dir
 from dapo_megatron.rollout.base import SamplingParams
@@ -71,14 +71,21 @@ class TrainingSession:
     def __init__(self, cfg: Config, *, console: bool = True):
         self.cfg = cfg
         self.env, self.topology, self.spec, self.actor = start_trainer(cfg)
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.engines: List[Any] = []
+        self.logger: Any = None
+        try:
+            self._open(cfg, console)
+        except BaseException:
+            self.close()  # engine servers this rank started must not outlive a failed start
+            raise
+
+    def _open(self, cfg: Config, console: bool) -> None:
         self.rank0 = self.env.rank == 0
         if self.rank0:
             self.paths = prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, config=cfg)
         _barrier()
         self.paths = RunPaths.under(cfg.run.dir)
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.engines: List[Any] = []
-        self.logger: Any = None
         self.eval_data: Optional[tuple] = None
         self.rollout: Any = None
         if self.rank0:
@@ -114,6 +121,7 @@ class TrainingSession:
                                         "folder of a run trained with run.dump_rollouts=true")  # fmt: skip
             return
         self.engines = build_engines(cfg, self.paths.root)
+        connect_weight_transport(cfg, self.engines, self.run)
         sampling = SamplingParams(n=r.n_samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                   max_new_tokens=r.max_response_len, seed=r.seed)  # fmt: skip
         self.rollout = StreamingRollout(

@@ -6,10 +6,14 @@ One step (``await StreamingRollout.run(prompt_source)``)::
     while not full:
         if kept + in_flight < target:      # even keeping every running group would not fill the batch
             acc.begin_round()              # counts against max_num_gen_batches (raises when exhausted)
-            submit gen_prompts_per_round prompts, one task per group (n samples, one request)
+            submit a round (first: gen_prompts_per_round; refill: see _round_size), one task per group
         wait for any group -> score it (reward on decoded text + overlong penalty) -> acc.offer(group, acc values)
-    abort_all on every engine; await the running tasks; their results are never offered
+    stop: no request starts any more; abort_all on every engine; await the running tasks (never offered)
     return acc.take(), metrics
+
+Stop invariant: once the batch is full, no ``engine.generate`` starts: tasks waiting for a slot are
+woken and give up, and the stop check runs in the same event-loop step as the engine call's start, so
+every request began before ``abort_all`` was called and is covered by it.
 
 Fault handling: a request that fails or times out is retried on another engine (least loaded,
 preferring engines it has not failed on), at most ``max_retries`` times; an engine whose health check
@@ -54,6 +58,8 @@ class _Stats:
     tokens: int = 0
     retries: int = 0
     late_discarded: int = 0
+    offered: int = 0  # groups generated in this step and offered (carried ones excluded)
+    kept: int = 0  # of those, the ones the accumulator kept: kept / offered is the keep rate
 
 
 class StreamingRollout:
@@ -67,8 +73,12 @@ class StreamingRollout:
         max_response_len / overlong_enable / overlong_len / overlong_penalty_factor: DAPO Eq. 13.
         filter_metric: ``acc`` | ``score`` | ``seq_reward``: the per-sample value that must vary.
         filter_enable: dynamic sampling on (off: every completed group is kept).
-        target_groups / gen_prompts_per_round / max_num_gen_batches / on_exhausted: the accumulator.
-        max_concurrency: in-flight groups per engine.
+        target_groups / max_num_gen_batches / on_exhausted: the accumulator.
+        gen_prompts_per_round: prompts of a step's first round (the oversampling), and the cap of a
+            refill round, which is sized from the observed keep rate (:meth:`_round_size`).
+        max_concurrency: in-flight groups per server worker. An engine may front several workers
+            behind a router (SGLang): its cap is ``max_concurrency * engine.num_workers``, read at every
+            acquire so a dead worker lowers it (engines without ``num_workers`` count as one worker).
         request_timeout_s / max_retries: per-request bound and retries on other engines.
         keep_surplus: carry fully completed surplus groups into the next :meth:`run`.
         restart_engine: optional ``async (index) -> RolloutEngine | None`` called for an unhealthy engine.
@@ -125,14 +135,24 @@ class StreamingRollout:
         self.acc.load_state_dict(state["acc"])
 
     # ------------------------------------------------------------------ engine pool
-    async def _acquire(self, avoid: set) -> int:
-        """Index of the least-loaded healthy engine with a free slot, preferring ones not in ``avoid``."""
+    def _capacity(self, idx: int) -> int:
+        """Slots of engine ``idx``: ``max_concurrency`` per live worker. Zero workers still counts as one
+        so a request reaches the engine, fails, and its health check drops or restarts it; a capacity
+        of 0 everywhere would leave every task waiting for a slot that no release ever frees."""
+        workers = int(getattr(self.engines[idx], "num_workers", 1))
+        return self.max_concurrency * max(1, workers)
+
+    async def _acquire(self, avoid: set) -> Optional[int]:
+        """Index of the least-loaded healthy engine with a free slot, preferring ones not in ``avoid``;
+        None once the step is stopping (``_stop`` wakes every waiter), so nothing starts after it."""
         async with self._cond:
             while True:
+                if self._stopping:
+                    return None
                 live = [i for i, ok in enumerate(self.healthy) if ok]
                 if not live:
                     raise RolloutFailed("no healthy rollout engine left")
-                free = [i for i in live if self.in_flight[i] < self.max_concurrency]
+                free = [i for i in live if self.in_flight[i] < self._capacity(i)]
                 if free:
                     best = min(free, key=lambda i: (i in avoid, self.in_flight[i], i))
                     self.in_flight[best] += 1
@@ -166,24 +186,37 @@ class StreamingRollout:
 
     # ------------------------------------------------------------------ one group
     def _params_for(self, gid: int, attempt: int) -> SamplingParams:
-        # A distinct, reproducible seed per (group, attempt): engines started with the same seed
-        # must not produce identical groups for repeated prompts.
+        """Params of one request: a distinct, reproducible seed per (group, attempt), so engines started
+        with the same seed do not produce identical groups for repeated prompts.
+
+        The seed is the base of the whole group, not of one sample: an engine must give each of the
+        ``n`` samples its own seed (the SGLang adapter sends ``seed + i`` for sample ``i``); sending the
+        same seed to all ``n`` would make the group ``n`` copies of one response, zero variance."""
         base = self.sampling.seed or 0
         return self.sampling.with_seed((base * 1_000_003 + gid * 7_919 + attempt) % (2**31))
+
+    async def _start(
+        self, engine: RolloutEngine, item: PromptItem, params: SamplingParams
+    ) -> Optional[List[Completion]]:
+        """``engine.generate``, or None when the step is stopping. No await between the check and the
+        call: it runs up to its first suspension in this same event-loop step, so ``_stop`` cannot set
+        ``_stopping`` and call ``abort_all`` in between (a request started then would not be aborted)."""
+        if self._stopping:
+            return None
+        return await engine.generate(item.prompt_ids, params, timeout_s=self.request_timeout_s)
 
     async def _generate_group(self, item: PromptItem, gid: int) -> Optional[Tuple[List[Completion], dict]]:
         """The group's completions, retried across engines; None when the step stopped meanwhile."""
         failed_on: set = set()
         errors: List[str] = []
         for attempt in range(self.max_retries + 1):
-            if self._stopping:
-                return None
             idx = await self._acquire(failed_on)
+            if idx is None:
+                return None
             engine = self.engines[idx]
             try:
                 completions = await asyncio.wait_for(
-                    engine.generate(item.prompt_ids, self._params_for(gid, attempt), timeout_s=self.request_timeout_s),
-                    self.request_timeout_s,
+                    self._start(engine, item, self._params_for(gid, attempt)), self.request_timeout_s
                 )
             except (EngineError, asyncio.TimeoutError, OSError) as e:
                 errors.append(f"engine {idx}: {type(e).__name__}: {e}")
@@ -193,8 +226,8 @@ class StreamingRollout:
                 await self._check_engine(idx, engine)  # EngineDeadError included: a restart may bring it back
                 continue
             await self._release(idx)
-            if self._stopping:
-                return None  # finished or aborted after the batch was full: never offered
+            if completions is None or self._stopping:
+                return None  # not started, or finished/aborted after the batch was full: never offered
             if any(c.finish_reason == "abort" for c in completions):
                 errors.append(f"engine {idx}: aborted")  # not ours (the step is running): retry
                 self.stats.retries += 1
@@ -246,8 +279,28 @@ class StreamingRollout:
         return await asyncio.to_thread(self._score, item, *out)
 
     # ------------------------------------------------------------------ one step
-    def _submit_round(self, prompt_source: Callable[[int], List[PromptItem]], tasks: Dict[asyncio.Task, int]) -> None:
-        items = prompt_source(self.gen_prompts_per_round)
+    def _round_size(self, in_flight: int) -> int:
+        """Prompts for the next round of this step (deterministic given the counts).
+
+        Until a group generated in this step has been kept (always so for the first round):
+        ``gen_prompts_per_round``, the user's oversampling. Then, with the step's keep rate
+        ``r = kept / offered`` (carried groups excluded) and ``missing = target - kept_total``:
+        ``need = ceil(missing / r) - in_flight`` prompts are expected to fill the batch together with
+        the groups in flight (counted at rate r too, not as all kept); submit ``need + ceil(need / 4)``
+        (a 25% margin), capped at ``gen_prompts_per_round``. Counting in-flight groups as all kept
+        would size each refill for a single missing group and make one tiny round per dropped group,
+        each counted against ``max_num_gen_batches``. Integer arithmetic keeps the size exact."""
+        cap, kept, offered = self.gen_prompts_per_round, self.stats.kept, self.stats.offered
+        if kept == 0:
+            return cap
+        missing = self.acc.target_groups - self.acc.kept
+        need = -(-(missing * offered - in_flight * kept) // kept)  # ceil; >= 1 when kept + in_flight < target
+        return max(1, min(cap, need + -(-need // 4)))
+
+    def _submit_round(
+        self, prompt_source: Callable[[int], List[PromptItem]], tasks: Dict[asyncio.Task, int], size: int
+    ) -> None:
+        items = prompt_source(size)
         if not items:
             raise RolloutFailed("the prompt source returned no prompts")
         for item in items:
@@ -272,7 +325,7 @@ class StreamingRollout:
                     # False means out of rounds with "pad": finish what runs, then take() pads.
                     rounds_left = self.acc.begin_round()
                     if rounds_left:
-                        self._submit_round(prompt_source, tasks)
+                        self._submit_round(prompt_source, tasks, self._round_size(len(tasks)))
                 if not tasks:
                     break
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -282,7 +335,8 @@ class StreamingRollout:
                     group = task.result()  # RolloutFailed propagates: the step cannot be completed
                     if group is not None and gid not in accepted:
                         accepted.add(gid)
-                        self.acc.offer(group, self.metric_values(group))
+                        self.stats.offered += 1
+                        self.stats.kept += self.acc.offer(group, self.metric_values(group))
         finally:
             await self._stop(tasks)
         # Completion order is a race between engines; the trainer sees prompt order so a step's
@@ -293,8 +347,13 @@ class StreamingRollout:
         return batch, self._metrics(batch, time.monotonic() - start)
 
     async def _stop(self, tasks: Dict[asyncio.Task, int]) -> None:
-        """Abort what is still running; late results are discarded (or carried with keep_surplus)."""
-        self._stopping = True
+        """Abort what is still running; late results are discarded (or carried with keep_surplus).
+
+        ``_stopping`` is set before ``abort_all`` and the slot waiters are woken, so they return
+        instead of sending fresh requests that no abort covers (and that this wait would sit out)."""
+        async with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         if not tasks:
             return
         live = [e for e, ok in zip(self.engines, self.healthy) if ok]

@@ -24,12 +24,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http_ok(url: str, *, timeout_s: float, proc: Optional[subprocess.Popen] = None, poll_s: float = 0.1) -> None:
+def wait_http_ok(
+    url: str,
+    *,
+    timeout_s: float,
+    proc: Optional[subprocess.Popen] = None,
+    poll_s: float = 0.1,
+    headers: Optional[dict] = None,
+) -> None:
     """Poll ``GET url`` until it answers 200. Raises ``TimeoutError`` after ``timeout_s``, or
     ``RuntimeError`` at once if ``proc`` exits meanwhile (a crashed server never becomes ready)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
-    with httpx.Client(timeout=2.0) as client:
+    with httpx.Client(timeout=max(2.0, poll_s), headers=headers) as client:
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before {url} was ready")

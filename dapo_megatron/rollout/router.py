@@ -32,16 +32,21 @@ def router_argv(
     prometheus_port: int,
     policy: str = "round_robin",
     health_check_interval_s: int = 1,
+    health_failure_threshold: int = 1,
+    api_key: Optional[str] = None,
     extra: Sequence[str] = (),
 ) -> List[str]:
     """``python -m sglang_router.launch_router`` argv. A 1 s health check with failure threshold 1 makes
     a dead worker leave the rotation quickly (the defaults take tens of seconds). The router always
-    binds a Prometheus port (default 29000): each router needs its own, or the second one panics."""
+    binds a Prometheus port (default 29000): each router needs its own, or the second one panics.
+    ``api_key``: the workers' ``--api-key``, which the router presents to them."""
+    auth = ("--api-key", api_key) if api_key else ()
     return [
         *(sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port)),
         *("--policy", policy, "--health-check-interval-secs", str(health_check_interval_s)),
-        *("--health-failure-threshold", "1", "--prometheus-host", host, "--prometheus-port", str(prometheus_port)),
-        *("--log-level", "warn", *extra),
+        *("--health-failure-threshold", str(health_failure_threshold)),
+        *("--prometheus-host", host, "--prometheus-port", str(prometheus_port)),
+        *("--log-level", "warn", *auth, *extra),
     ]
 
 
@@ -57,15 +62,19 @@ class SGLangRouter:
         prometheus_port: Optional[int] = None,
         extra: Sequence[str] = (),
         log_path: Optional[str] = None,
+        api_key: Optional[str] = None,
+        health_failure_threshold: int = 1,
     ):
         self.host, self.port = host, port
         self._argv = router_argv(
-            host=host, port=port, prometheus_port=prometheus_port or free_port(host), policy=policy, extra=extra
-        )
+            host=host, port=port, prometheus_port=prometheus_port or free_port(host), policy=policy, extra=extra,
+            api_key=api_key, health_failure_threshold=health_failure_threshold,
+        )  # fmt: skip
         self._log_path = log_path
         self.proc = None
         self.worker_ids: Dict[str, str] = {}  # worker url -> router worker id (UUID)
-        self._client = httpx.Client(timeout=10.0)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = httpx.Client(timeout=10.0, headers=headers)
 
     @property
     def url(self) -> str:

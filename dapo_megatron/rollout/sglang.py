@@ -4,20 +4,29 @@
 sglang-router, which load-balances and retries on another worker when one dies). Control requests
 go to every worker directly, because the router does not forward them (see
 :mod:`dapo_megatron.rollout.sglang_api`): abort, pause/continue, flush, memory release, weight
-updates. A worker that refuses connections during a control request is marked dead and skipped.
+updates, versions. A worker that refuses connections during a control request is marked dead and skipped.
 
-Weight update (``update_weights``): pause (in-flight requests come back aborted) -> flush_cache ->
-per bucket: POST ``/update_weights_from_distributed`` with the metas **while** the trainer broadcasts
--> continue. The POST and the broadcast must overlap: the server blocks in its receive until rank 0
-broadcasts, and rank 0's broadcast blocks until every receiver has joined. So the POSTs run as tasks,
-the broadcast runs in a thread, then both are awaited.
+One weight sync (:meth:`SGLangEngine.begin_weight_sync`, :meth:`load_bucket` per bucket,
+:meth:`finish_weight_sync`): pause (in-flight requests come back aborted) -> flush_cache ->
+begin_weight_update -> the buckets -> end_weight_update -> update_weight_version -> continue. The
+version is stamped only after every bucket arrived, and ``continue`` runs even when a bucket fails,
+so an engine is never left paused. Two transports, chosen by the caller from ``rollout.mode``:
+
+* ``tensor`` (colocated): ``update_weights_from_tensor`` with the tensors shared, not copied: CUDA IPC
+  handles on a GPU, shared-memory files on CPU;
+* ``distributed`` (disaggregated): ``update_weights_from_distributed``; the trainer broadcasts each
+  bucket's bytes once over the update group (NCCL on GPU, gloo on CPU) while the POSTs are in flight.
+  The POST and the broadcast must overlap: the server blocks in its receive until rank 0 broadcasts,
+  and rank 0's broadcast blocks until every receiver has joined. So the POSTs run as tasks, the
+  broadcast runs in a thread, then both are awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Any, List, Optional, Sequence, Tuple
 
 import httpx
 from torch import Tensor
@@ -33,51 +42,8 @@ from dapo_megatron.rollout.base import (
 )
 
 _DEAD = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-
-
-def launch_sglang_server(
-    model_path: str,
-    *,
-    host: str = "0.0.0.0",
-    port: int = 30000,
-    tp: int = 1,
-    mem_fraction_static: float = 0.7,
-    base_gpu_id: int = 0,
-    dtype: Optional[str] = None,
-    seed: Optional[int] = None,
-    enable_memory_saver: bool = False,
-    weight_version: Optional[int] = None,
-    extra: Sequence[str] = (),
-    python: str = "python",
-) -> List[str]:
-    """argv of ``python -m sglang.launch_server`` (flag names as in SGLang 0.5.6's server_args).
-    ``enable_memory_saver`` is needed by colocated engines for release/resume_memory_occupation."""
-    argv = [
-        python,
-        "-m",
-        "sglang.launch_server",
-        "--model-path",
-        model_path,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--tp-size",
-        str(tp),
-        "--mem-fraction-static",
-        str(mem_fraction_static),
-        "--base-gpu-id",
-        str(base_gpu_id),
-    ]
-    if dtype:
-        argv += ["--dtype", dtype]
-    if seed is not None:
-        argv += ["--random-seed", str(seed)]
-    if enable_memory_saver:
-        argv += ["--enable-memory-saver"]
-    if weight_version is not None:
-        argv += ["--weight-version", str(weight_version)]
-    return argv + list(extra)
+# abort_all follow-up: how often, and how far apart, requests still unanswered are aborted by id.
+_STRAGGLER_ROUNDS, _STRAGGLER_WAIT_S = 20, 0.25
 
 
 def _buckets(named: NamedTensors, bucket_bytes: int) -> List[List[Tuple[str, Tensor]]]:
@@ -102,9 +68,12 @@ class SGLangEngine:
         worker_urls: the servers behind it, for control requests (default: ``[base_url]``).
         client: a shared ``httpx.AsyncClient`` (closed by its owner), or None for a private one.
         timeout_s: default timeout of control requests.
-        engine_tp: TP ranks per worker (rank offsets in the weight-update group).
-        bucket_bytes: weight-update bucket size.
+        engine_tp: TP ranks per worker (rank offsets in the weight-update group; payload copies).
+        bucket_bytes: weight-update bucket size for :meth:`update_weights`.
         pause_mode: SGLang pause mode used around weight updates ("abort": in-flight requests return).
+        api_key: sent as ``Authorization: Bearer`` on every request (the servers' ``--api-key``).
+        transport: ``tensor`` or ``distributed`` (see the module docstring).
+        owner: an object with ``stop()`` (the local fleet of servers and router) stopped by :meth:`shutdown`.
     """
 
     def __init__(
@@ -117,21 +86,25 @@ class SGLangEngine:
         engine_tp: int = 1,
         bucket_bytes: int = 512 << 20,
         pause_mode: str = "abort",
+        api_key: Optional[str] = None,
+        transport: str = "distributed",
+        owner: Any = None,
     ):
+        if transport not in ("tensor", "distributed"):
+            raise ValueError(f"transport must be 'tensor' or 'distributed', got {transport!r}")
         self.base_url = base_url.rstrip("/")
         self.worker_urls = [u.rstrip("/") for u in (worker_urls or [base_url])]
-        self._client = client or httpx.AsyncClient(timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = client or httpx.AsyncClient(timeout=timeout_s, headers=headers)
         self._own_client = client is None
-        self.timeout_s, self.engine_tp, self.bucket_bytes, self.pause_mode = (
-            timeout_s,
-            engine_tp,
-            bucket_bytes,
-            pause_mode,
-        )
+        self.timeout_s, self.engine_tp, self.bucket_bytes = timeout_s, engine_tp, bucket_bytes
+        self.pause_mode, self.transport, self.owner = pause_mode, transport, owner
         self.dead_workers: set = set()
         self._version = 0
         self._sender: Any = None
         self._group_name = api.DEFAULT_GROUP_NAME
+        self._in_flight: set = set()  # rids of this engine's /generate requests still unanswered
+        self._released = False  # memory handed back by release_memory, not yet resumed
 
     @property
     def weight_version(self) -> int:
@@ -140,6 +113,11 @@ class SGLangEngine:
     @property
     def live_workers(self) -> List[str]:
         return [u for u in self.worker_urls if u not in self.dead_workers]
+
+    @property
+    def num_workers(self) -> int:
+        """Live servers behind ``base_url``: the generator allows ``max_concurrency`` groups per worker."""
+        return len(self.live_workers)
 
     # ------------------------------------------------------------------ transport
     async def _request(self, method: str, url: str, payload: Any = None, timeout_s: Optional[float] = None) -> Any:
@@ -178,12 +156,36 @@ class SGLangEngine:
 
     # ------------------------------------------------------------------ RolloutEngine
     async def generate(self, prompt_ids: List[int], params: SamplingParams, *, timeout_s: float) -> List[Completion]:
-        body = api.generate_request(prompt_ids, params, rid=uuid.uuid4().hex)
-        data = await self._request("POST", self.base_url + "/generate", body, timeout_s)
+        """``params.n`` completions. With a seed and n > 1, each sample is its own request with seed
+        ``seed + i``: one request carries one ``sampling_seed``, and n samples drawn under the same seed
+        can all be the same response under deterministic sampling."""
+        if params.seed is None or params.n == 1:
+            return await self._generate_one(prompt_ids, params, timeout_s)
+        singles = [replace(params, n=1, seed=(params.seed + i) % (2**31)) for i in range(params.n)]
+        parts = await asyncio.gather(*(self._generate_one(prompt_ids, p, timeout_s) for p in singles))
+        return [c for part in parts for c in part]
+
+    async def _generate_one(self, prompt_ids: List[int], params: SamplingParams, timeout_s: float) -> List[Completion]:
+        rid = uuid.uuid4().hex
+        self._in_flight.add(rid)
+        try:
+            body = api.generate_request(prompt_ids, params, rid=rid)
+            data = await self._request("POST", self.base_url + "/generate", body, timeout_s)
+        finally:
+            self._in_flight.discard(rid)
         return api.parse_generate_response(data, params.n)
 
     async def abort_all(self) -> None:
+        """Abort everything running on every worker, then by id each request of ours that is still
+        unanswered: one still on its way through the router when ``abort_all`` reached the workers would
+        otherwise run to its full length."""
         await self._control("POST", "/abort_request", api.abort_request(abort_all=True))
+        for _ in range(_STRAGGLER_ROUNDS):
+            if not self._in_flight:
+                return
+            await asyncio.sleep(_STRAGGLER_WAIT_S)
+            for rid in list(self._in_flight):
+                await self._control("POST", "/abort_request", api.abort_request(rid=rid))
 
     async def pause(self) -> None:
         await self._control("POST", "/pause_generation", api.pause_generation(self.pause_mode))
@@ -195,10 +197,17 @@ class SGLangEngine:
         await self._control("POST", "/flush_cache")
 
     async def release_memory(self) -> None:
-        await self._control("POST", "/release_memory_occupation", api.release_memory_occupation())
+        """Hand the weights and KV cache memory back (colocated); a second release is a no-op."""
+        if not self._released:
+            await self._control("POST", "/release_memory_occupation", api.release_memory_occupation())
+            self._released = True
 
     async def resume_memory(self) -> None:
-        await self._control("POST", "/resume_memory_occupation", api.resume_memory_occupation())
+        """Take the memory back. Only after a release: SGLang's scheduler dies (KeyError on the tag)
+        when asked to resume memory it never released."""
+        if self._released:
+            await self._control("POST", "/resume_memory_occupation", api.resume_memory_occupation())
+            self._released = False
 
     async def health(self) -> bool:
         """``/health_generate`` on ``base_url`` answers 200 within 10 s (never raises)."""
@@ -211,6 +220,9 @@ class SGLangEngine:
     async def shutdown(self) -> None:
         if self._own_client:
             await self._client.aclose()
+        if self.owner is not None:
+            await asyncio.to_thread(self.owner.stop)
+            self.owner = None
 
     # ------------------------------------------------------------------ weights
     async def init_weight_group(
@@ -218,19 +230,17 @@ class SGLangEngine:
         master_address: str,
         master_port: int,
         *,
-        world_size: Optional[int] = None,
-        rank_offset: int = 1,
-        group_name: str = api.DEFAULT_GROUP_NAME,
         backend: str = "gloo",
+        group_name: str = api.DEFAULT_GROUP_NAME,
         timeout_s: float = 300.0,
     ) -> Any:
         """Build the trainer->engines update group: the trainer is rank 0 (created here, in this
-        process), worker i joins as ``rank_offset + i * engine_tp``. Both sides block in the
+        process), worker i's TP ranks join from ``1 + i * engine_tp``. Both sides block in the
         rendezvous, so the joins are POSTed as tasks before the trainer side is created."""
         from dapo_megatron.weights.transports import BroadcastSender, create_update_group
 
         workers = self.live_workers
-        world_size = world_size or 1 + len(workers) * self.engine_tp
+        world_size = 1 + len(workers) * self.engine_tp
         joins = [
             asyncio.ensure_future(
                 self._request(
@@ -239,71 +249,89 @@ class SGLangEngine:
                     api.init_weights_update_group(
                         master_address=master_address,
                         master_port=master_port,
-                        rank_offset=rank_offset + i * self.engine_tp,
+                        rank_offset=1 + i * self.engine_tp,
                         world_size=world_size,
                         group_name=group_name,
                         backend=backend,
-                    ),
+                    ),  # fmt: skip
                     timeout_s,
                 )
             )
             for i, w in enumerate(workers)
         ]
+        await asyncio.sleep(0)  # let the joins start before this coroutine blocks in the rendezvous
         group = await asyncio.to_thread(
-            create_update_group,
-            master_address=master_address,
-            master_port=master_port,
-            world_size=world_size,
-            rank=0,
-            backend=backend,
-            timeout_s=timeout_s,
-        )
+            create_update_group, master_address=master_address, master_port=master_port, world_size=world_size,
+            rank=0, backend=backend, timeout_s=timeout_s, group_name=group_name,
+        )  # fmt: skip
         for res in await asyncio.gather(*joins):
             api.parse_success(res, "init_weights_update_group")
-        self._sender, self._group_name = BroadcastSender(group), group_name
+        device = "cuda" if backend == "nccl" else "cpu"
+        self._sender, self._group_name = BroadcastSender(group, device=device), group_name
         return group
 
     async def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
-        """pause -> flush_cache -> buckets over the broadcast group -> continue; then stamp ``version``.
-        ``continue`` runs even if a bucket fails, so the engine is never left paused."""
-        if self._sender is None:
-            raise EngineError("update_weights needs init_weight_group() first (the broadcast group)")
+        """One whole sync of ``named_tensors`` in buckets of ``bucket_bytes``, stamped ``version``."""
+        await self.begin_weight_sync()
+        ok = False
+        try:
+            for bucket in _buckets(list(named_tensors), self.bucket_bytes):
+                await self.load_bucket(bucket, version)
+            ok = True
+        finally:
+            await self.finish_weight_sync(version, ok=ok)
+
+    async def begin_weight_sync(self) -> None:
+        """pause -> flush_cache -> begin_weight_update, on every live worker."""
+        if self.transport == "distributed" and self._sender is None:
+            raise EngineError("the distributed weight transport needs init_weight_group() first")
         await self.pause()
         try:
             await self.flush_cache()
-            for bucket in _buckets(list(named_tensors), self.bucket_bytes):
-                await self.update_weights_bucket(bucket, version)
+            for res in await self._control("POST", "/begin_weight_update", api.begin_weight_update()):
+                api.parse_success(res, "begin_weight_update")
+        except BaseException:
+            await self.resume()
+            raise
+
+    async def finish_weight_sync(self, version: int, *, ok: bool = True) -> None:
+        """end_weight_update -> update_weight_version (only when every bucket arrived) -> continue."""
+        try:
+            for res in await self._control("POST", "/end_weight_update", api.end_weight_update()):
+                api.parse_success(res, "end_weight_update")
+            if ok:
+                await self._control("POST", "/update_weight_version", api.update_weight_version(version))
+                self._version = int(version)
         finally:
             await self.resume()
-        self._version = int(version)
 
-    async def update_weights_bucket(self, bucket: NamedTensors, version: int) -> None:
-        """One bucket: the POSTs (metas) in flight first, then the broadcast, then await both.
+    async def load_bucket(self, bucket: NamedTensors, version: int) -> None:
+        """One bucket between :meth:`begin_weight_sync` and :meth:`finish_weight_sync`."""
+        if self.transport == "tensor":
+            payload = api.update_weights_from_tensor(
+                api.serialize_named_tensors(bucket), version=version, tp_size=self.engine_tp
+            )
+            for res in await self._control("POST", "/update_weights_from_tensor", payload):
+                api.parse_success(res, "update_weights_from_tensor")
+            return
+        await self._broadcast_bucket(bucket, version)
+
+    async def _broadcast_bucket(self, bucket: NamedTensors, version: int) -> None:
+        """The POSTs (metas) in flight first, then one broadcast of the bucket's bytes, then await both.
 
         Hazard: a gloo/NCCL broadcast cannot be cancelled. If a worker rejects the POST before it
         starts receiving, the broadcast only returns at the group timeout; the POST error is raised
-        then. Metas are checked here first so a malformed bucket fails before anything is sent."""
+        then. The bucket is flattened (and checked) first, so a malformed bucket fails before anything
+        is sent."""
         from dapo_megatron.weights.transports import metas_of
 
-        metas = metas_of(bucket)
-        payload = api.update_weights_from_distributed(metas, version=version, group_name=self._group_name)
+        flat = api.flatten_bucket(bucket)
+        payload = api.update_weights_from_distributed(metas_of(bucket), version=version, group_name=self._group_name)
         posts = [
             asyncio.ensure_future(self._request("POST", w + "/update_weights_from_distributed", payload))
             for w in self.live_workers
         ]
         await asyncio.sleep(0)  # let the POSTs start before this coroutine blocks on the broadcast
-        await asyncio.to_thread(self._sender.send, bucket)
+        await asyncio.to_thread(self._sender.send_flat, flat)
         for res in await asyncio.gather(*posts):
             api.parse_success(res, "update_weights_from_distributed")
-
-    async def update_weights_from_tensor(
-        self, named_tensors: NamedTensors, version: int, *, serialize: Callable[[Dict[str, Any]], str]
-    ) -> None:
-        """Colocated path: one flattened bucket by CUDA IPC (``serialize``: see
-        :func:`sglang_api.update_weights_from_tensor`). The buffers live until every POST returned."""
-        payload = api.update_weights_from_tensor(
-            list(named_tensors), version=version, tp_size=self.engine_tp, serialize=serialize
-        )
-        for res in await self._control("POST", "/update_weights_from_tensor", payload):
-            api.parse_success(res, "update_weights_from_tensor")
-        self._version = int(version)

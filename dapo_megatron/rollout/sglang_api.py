@@ -1,45 +1,51 @@
 """Every SGLang (and sglang-router) HTTP payload this project sends or reads, in one module.
 
-Pinned against SGLang ``v0.5.6.post2`` (commit 5c8bd8b, "bump SGLang version to 0.5.6.post2") and
-sglang-router ``0.3.2`` (sgl-model-gateway, "[smg] release 0.3.2"). Checked in those trees:
+Pinned against SGLang ``0.5.23`` (the registry's wheel; its Python source is the reference) and
+sglang-router ``0.3.2``, and exercised against both running servers in ``tests/test_sglang_real.py``.
+Facts this module relies on:
 
-* ``python/sglang/srt/entrypoints/http_server.py`` - routes, status codes, error body
-  ``{"error": {"message": ...}}`` with HTTP 400;
-* ``python/sglang/srt/managers/io_struct.py`` - ``GenerateReqInput`` (``input_ids``, ``sampling_params``
-  with ``n``, ``return_logprob``, ``rid``), ``AbortReq`` (``rid``, ``abort_all``),
-  ``PauseGenerationReqInput`` (``mode``: abort | retract | in_place), ``InitWeightsUpdateGroupReqInput``,
-  ``UpdateWeightsFromDistributedReqInput`` (``names``/``dtypes``/``shapes``, ``weight_version: str``),
-  ``UpdateWeightsFromTensorReqInput`` (``serialized_named_tensors``, ``load_format``),
-  ``Release/ResumeMemoryOccupationReqInput`` (``tags``);
-* ``python/sglang/srt/managers/tokenizer_manager.py`` - the generate response: ``output_ids`` and
-  ``meta_info`` with ``id``, ``finish_reason``, ``prompt_tokens``, ``completion_tokens``,
-  ``weight_version``, ``output_token_logprobs`` as ``[logprob, token_id, text|None]``; with ``n > 1``
-  on one prompt the body is a list of ``n`` such objects;
-* ``python/sglang/srt/managers/schedule_batch.py`` - finish reasons ``{"type": "stop", "matched": ..}``,
-  ``{"type": "length", "length": ..}``, ``{"type": "abort", "message", "status_code", "err_type"}``;
-* ``python/sglang/srt/weight_sync/tensor_bucket.py`` - the ``flattened_bucket`` layout (uint8 bytes,
-  per-tensor ``start_idx``/``end_idx``/``numel`` in bytes);
-* ``sgl-model-gateway/src/server.rs`` and ``protocols/{generate,sampling_params}.rs`` - the router.
-  It re-serialises ``/generate`` bodies through its own structs, so only fields it knows survive
-  (``rid`` must be a single string; floats pass as f32). It forwards ``/generate`` to one worker and
-  ``/flush_cache`` to all workers; it does **not** forward ``/abort_request``, pause/continue, weight
-  updates or memory release, so those go to each worker directly. Workers are added with
-  ``POST /workers {"url"}`` (202, ``{"status": "accepted", "worker_id", "url", "location"}``) and removed
-  with ``DELETE /workers/{worker_id}`` (a UUID).
+* ``srt/entrypoints/http_server.py`` - routes and status codes; failures answer HTTP 400 with
+  ``{"success": false, "message"}`` (weight updates) or ``{"error": {"message"}}`` (generate).
+  ``--api-key`` makes every route ask for ``Authorization: Bearer <key>``.
+* ``srt/managers/io_struct.py`` - ``GenerateReqInput`` (``input_ids``, ``sampling_params`` with ``n`` and
+  ``sampling_seed``, ``return_logprob``, ``rid``, ``return_routed_experts`` for MoE routing replay),
+  ``AbortReq`` (``rid``, ``abort_all``), ``PauseGenerationReqInput`` (``mode``: abort | retract |
+  in_place), ``InitWeightsUpdateGroupReqInput``, ``UpdateWeightsFromDistributedReqInput``
+  (``names``/``dtypes``/``shapes``, ``load_format`` ``flattened_bucket`` for one broadcast per bucket,
+  ``weight_version``), ``UpdateWeightsFromTensorReqInput`` (``serialized_named_tensors``: one base64
+  ForkingPickler payload per engine TP rank), ``UpdateWeightVersionReqInput`` (``new_version``),
+  ``Begin/EndWeightUpdateReqInput``, ``Release/ResumeMemoryOccupationReqInput`` (``tags``).
+* **0.5.23's update protocol**: ``update_weights_from_tensor`` and ``update_weights_from_distributed``
+  are refused unless they run between ``POST /begin_weight_update`` and ``POST /end_weight_update``.
+* The generate response: ``output_ids`` and ``meta_info`` with ``id``, ``finish_reason``,
+  ``weight_version`` (a string), ``weight_versions`` (``[{"version", "start", "end"}]`` token ranges),
+  and ``output_token_logprobs`` as ``[logprob, token_id, null]``; with ``n > 1`` the body is a list.
+* ``srt/utils/common.py`` - ``MultiprocessingSerializer``: base64 of a ``ForkingPickler`` pickle, read
+  back by an unpickler that admits torch's tensor-rebuild functions. CUDA tensors travel as IPC
+  handles; CPU tensors must use torch's ``file_system`` sharing strategy (the default fd passing needs
+  the sender's multiprocessing auth key and kills the server).
+* ``srt/weight_sync/tensor_bucket.py`` - the ``flattened_bucket`` layout: the raw bytes of every tensor
+  concatenated in order (uint8), each tensor at a byte offset aligned to its dtype.
+* sglang-router re-serialises ``/generate`` bodies through its own structs, so only fields it knows
+  survive (``rid`` a single string; one ``sampling_params`` dict, not a list). It forwards ``/generate``
+  and ``/flush_cache``; it does **not** forward abort, pause/continue, weight updates, versions or
+  memory release, so those go to each worker directly. Workers are added with ``POST /workers``.
 
 No SGLang code is imported here; these are plain dicts.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from dapo_megatron.rollout.base import Completion, EngineError, SamplingParams
 
-SGLANG_VERSION = "0.5.6.post2"
+SGLANG_VERSION = "0.5.23"
 SGLANG_ROUTER_VERSION = "0.3.2"
 DEFAULT_GROUP_NAME = "weight_update_group"  # SGLang's default group_name
 
@@ -70,8 +76,15 @@ def sampling_params_payload(params: SamplingParams) -> Json:
     return out
 
 
-def generate_request(prompt_ids: Sequence[int], params: SamplingParams, *, rid: Optional[str] = None) -> Json:
-    """One prompt, ``params.n`` samples, output logprobs only (``logprob_start_len=-1``)."""
+def generate_request(
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    rid: Optional[str] = None,
+    return_routed_experts: bool = False,
+) -> Json:
+    """One prompt, ``params.n`` samples, output logprobs only (``logprob_start_len=-1``).
+    ``return_routed_experts`` asks an MoE server for the experts each token was routed to."""
     body: Json = {
         "input_ids": [int(t) for t in prompt_ids],
         "sampling_params": sampling_params_payload(params),
@@ -81,6 +94,8 @@ def generate_request(prompt_ids: Sequence[int], params: SamplingParams, *, rid: 
     }
     if rid is not None:
         body["rid"] = rid
+    if return_routed_experts:
+        body["return_routed_experts"] = True
     return body
 
 
@@ -190,8 +205,18 @@ def parse_completion(item: Json) -> Completion:
         [float(t[0]) for t in triples],
         kind,
         weight_version=_version_int(meta.get("weight_version")),
-        meta={"id": meta.get("id")},
+        meta=_completion_meta(meta),
     )
+
+
+def _completion_meta(meta: Json) -> Json:
+    """What a :class:`Completion` keeps of ``meta_info``: the request id, and when present the per-token
+    weight-version ranges (partial rollouts across updates) and the routed experts (MoE replay)."""
+    out: Json = {"id": meta.get("id")}
+    for key in ("weight_versions", "routed_experts"):
+        if meta.get(key) is not None:
+            out[key] = meta[key]
+    return out
 
 
 def parse_generate_response(body: Any, n: int) -> List[Completion]:
@@ -265,25 +290,43 @@ def init_weights_update_group(
     }
 
 
+def begin_weight_update() -> Json:
+    """``BeginWeightUpdateReqInput``: opens the update session (0.5.23) for every runner."""
+    return {}
+
+
+def end_weight_update() -> Json:
+    """``EndWeightUpdateReqInput``: closes the session; the server post-processes the new weights."""
+    return {}
+
+
+def update_weight_version(version: int) -> Json:
+    """``UpdateWeightVersionReqInput``. The engine is paused and flushed when this is sent, so there is
+    nothing to abort; aborting here would also cut requests the caller still counts as its own."""
+    return {"new_version": str(int(version)), "abort_all_requests": False}
+
+
 def update_weights_from_distributed(
     metas: Sequence[Any],
     *,
     version: int,
     group_name: str = DEFAULT_GROUP_NAME,
     flush_cache: bool = True,
-    abort_all_requests: bool = False,
+    flattened: bool = True,
 ) -> Json:
     """``UpdateWeightsFromDistributedReqInput`` for one bucket; ``metas`` are ``TensorMeta``-like
-    (``name``, ``dtype`` as "bfloat16", ``shape``), in the order the sender broadcasts them."""
+    (``name``, ``dtype`` as "bfloat16", ``shape``), in the order the sender lays them out. ``flattened``:
+    the bucket arrives as one broadcast of its concatenated bytes (:func:`flatten_bucket`), else as one
+    broadcast per tensor."""
     return {
         "names": [m.name for m in metas],
         "dtypes": [m.dtype for m in metas],
         "shapes": [list(m.shape) for m in metas],
         "group_name": group_name,
         "flush_cache": flush_cache,
-        "abort_all_requests": abort_all_requests,
+        "abort_all_requests": False,
         "weight_version": str(int(version)),
-        "load_format": None,
+        "load_format": "flattened_bucket" if flattened else None,
     }
 
 
@@ -299,61 +342,57 @@ def parse_update_weights_from_distributed(body: Json) -> Tuple[list, Optional[st
     )
 
 
-@dataclass(frozen=True)
-class FlatMeta:
-    """Where one tensor lives in a flattened bucket (byte offsets; SGLang's FlattenedTensorMetadata)."""
-
-    name: str
-    shape: Tuple[int, ...]
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int
-
-
-def flatten_bucket(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[torch.Tensor, List[FlatMeta]]:
-    """Concatenate the raw bytes of every tensor (mixed dtypes allowed) -> ``(uint8 [total], metas)``."""
+def flatten_bucket(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The raw bytes of every tensor, concatenated in order (uint8 ``[total]``): SGLang's
+    ``flattened_bucket`` layout. Each tensor must start at an offset aligned to its dtype (the server
+    refuses unaligned ones), so mixed dtypes are checked here, before anything is sent."""
     if not named_tensors:
         raise ValueError("cannot flatten an empty bucket")
-    parts, metas, offset = [], [], 0
+    parts, offset = [], 0
     for name, t in named_tensors:
+        if offset % t.element_size():
+            raise ValueError(f"{name}: byte offset {offset} is not aligned to {t.dtype}; order the bucket by dtype")
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        metas.append(FlatMeta(name, tuple(t.shape), t.dtype, offset, offset + raw.numel(), raw.numel()))
         parts.append(raw)
         offset += raw.numel()
-    return torch.cat(parts), metas
+    return torch.cat(parts)
 
 
 def unflatten_bucket(flat: torch.Tensor, metas: Sequence[Any]) -> List[Tuple[str, torch.Tensor]]:
-    """Inverse of :func:`flatten_bucket` (views into ``flat``)."""
-    return [(m.name, flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape)) for m in metas]
+    """Inverse of :func:`flatten_bucket` given ``TensorMeta``-like metas (views into ``flat``)."""
+    out, offset = [], 0
+    for m in metas:
+        dtype = getattr(torch, m.dtype) if isinstance(m.dtype, str) else m.dtype
+        size = int(torch.Size(m.shape).numel()) * dtype.itemsize
+        out.append((m.name, flat[offset : offset + size].view(dtype).reshape(tuple(m.shape))))
+        offset += size
+    return out
 
 
-def update_weights_from_tensor(
-    named_tensors: Sequence[Tuple[str, torch.Tensor]],
-    *,
-    version: int,
-    tp_size: int,
-    serialize: Callable[[Dict[str, Any]], str],
-    flush_cache: bool = True,
-    abort_all_requests: bool = False,
-) -> Json:
-    """``UpdateWeightsFromTensorReqInput`` with ``load_format="flattened_bucket"`` (colocated engines).
+def serialize_named_tensors(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> str:
+    """``[(name, tensor)]`` as SGLang's ``MultiprocessingSerializer`` writes it: base64 of a
+    ``ForkingPickler`` pickle. The tensors are shared, not copied into the payload: CUDA tensors by IPC
+    handle, CPU tensors through shared-memory files (torch's ``file_system`` strategy, set here for this
+    process). The tensors must stay alive until the server has answered."""
+    from multiprocessing.reduction import ForkingPickler
 
-    ``serialize`` turns ``{"flattened_tensor": uint8 tensor, "metadata": [FlatMeta]}`` into the string
-    the engine deserialises: in production SGLang's ``MultiprocessingSerializer.serialize(obj,
-    output_str=True)`` (base64 of a ForkingPickler pickle, which shares CUDA memory by IPC handle) with
-    the metadata converted to SGLang's own ``FlattenedTensorMetadata`` (its unpickler only admits
-    SGLang classes). One copy per TP rank. The flattened tensor must stay alive and unmodified until
-    the POST returns: the engine reads the trainer's memory through the handle.
-    """
-    flat, metas = flatten_bucket(named_tensors)
-    payload = serialize({"flattened_tensor": flat, "metadata": metas})
+    import torch.multiprocessing as torch_mp
+
+    if any(not t.is_cuda for _, t in named_tensors) and torch_mp.get_sharing_strategy() != "file_system":
+        torch_mp.set_sharing_strategy("file_system")
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump([(name, t.detach()) for name, t in named_tensors])
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def update_weights_from_tensor(payload: str, *, version: int, tp_size: int, flush_cache: bool = True) -> Json:
+    """``UpdateWeightsFromTensorReqInput`` (default load format: a list of named tensors) with one copy
+    of ``payload`` (:func:`serialize_named_tensors`) per engine TP rank."""
     return {
         "serialized_named_tensors": [payload for _ in range(tp_size)],
-        "load_format": "flattened_bucket",
+        "load_format": None,
         "flush_cache": flush_cache,
-        "abort_all_requests": abort_all_requests,
+        "abort_all_requests": False,
         "weight_version": str(int(version)),
     }
 

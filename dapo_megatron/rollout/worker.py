@@ -142,15 +142,33 @@ def _add_weight_routes(app: FastAPI, state: _WorkerState) -> None:
     @app.post("/update_weights_from_distributed")
     async def update_from_distributed(request: Request):
         try:
-            metas, version, group_name = api.parse_update_weights_from_distributed(await request.json())
-            group = state.groups[group_name]
+            body = await request.json()
+            metas, version, group_name = api.parse_update_weights_from_distributed(body)
+            receiver, metas = BroadcastReceiver(state.groups[group_name]), [TensorMeta(*m) for m in metas]
             # recv blocks until the trainer broadcasts; it runs in a thread so the loop stays live.
-            named = await asyncio.to_thread(BroadcastReceiver(group).recv, [TensorMeta(*m) for m in metas])
+            if body.get("load_format") == "flattened_bucket":
+                named = api.unflatten_bucket(await asyncio.to_thread(receiver.recv_flat, metas), metas)
+            else:
+                named = await asyncio.to_thread(receiver.recv, metas)
             new_version = int(version) if version is not None else engine.weight_version
             await asyncio.to_thread(engine.update_weights_sync, named, new_version)
         except Exception as e:  # noqa: BLE001
             return JSONResponse({"success": False, "message": f"{type(e).__name__}: {e}"}, status_code=400)
         return {"success": True, "message": "Succeeded to update parameter online."}
+
+    @app.post("/begin_weight_update")
+    async def begin_weight_update():
+        return {"success": True, "message": "Success"}  # SGLang 0.5.23's session; nothing to restore here
+
+    @app.post("/end_weight_update")
+    async def end_weight_update():
+        return {"success": True, "message": "Success"}
+
+    @app.post("/update_weight_version")
+    async def update_weight_version(request: Request):
+        body = await request.json()
+        engine.set_weight_version(int(body["new_version"]))
+        return {"success": True, "message": f"Weight version updated to {body['new_version']}"}
 
     @app.post("/update_weights_from_tensor")
     async def update_from_tensor():

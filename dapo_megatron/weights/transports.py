@@ -84,30 +84,51 @@ class InProcessTransport:
 
 # ----------------------------------------------------------------------------- torch.distributed
 def create_update_group(
-    *, master_address: str, master_port: int, world_size: int, rank: int, backend: str = "gloo", timeout_s: float = 300
+    *,
+    master_address: str,
+    master_port: int,
+    world_size: int,
+    rank: int,
+    backend: str = "gloo",
+    timeout_s: float = 300,
+    group_name: str = "weight_update_group",
 ):
-    """A process group of its own (own TCPStore rendezvous), separate from the default group.
+    """A process group of its own, separate from the default group, built exactly as SGLang builds the
+    engine side of ``/init_weights_update_group`` (``sglang.srt.utils.init_custom_process_group``), so
+    the trainer and real SGLang servers meet in one group:
 
-    The trainer already owns the default group, so this one is built from the backend class with
-    a private store rather than ``init_process_group``. Rank 0 hosts the store and is the sender.
-    Returns the backend object (``ProcessGroupGloo``/``ProcessGroupNCCL``); use its own collective
-    methods (``broadcast(tensor, root)``), not ``torch.distributed.broadcast(group=...)``, because
-    it is not registered with the default world.
+    * a ``tcp://`` rendezvous on ``master_address:master_port`` (rank 0 hosts the store);
+    * the store prefixed by ``group_name`` (no separator, as SGLang does);
+    * ``torch.distributed``'s own group helper, with ranks mapped one to one.
+
+    Rank 0 is the sender. The result works with ``torch.distributed.broadcast(t, src=0, group=g)``.
+    This uses torch internals (``rendezvous``, ``_new_process_group_helper``, ``_world``) because the
+    peer does; they are covered by the transport and real-server tests.
     """
-    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
-    store = dist.PrefixStore("dapo_weights_update", store)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":
-        if not hasattr(dist, "ProcessGroupNCCL"):
-            raise RuntimeError("backend='nccl' needs a CUDA build of torch with NCCL")
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("backend='nccl' needs a CUDA device; CPU machines use gloo")
+    store, rank, world_size = next(
+        c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+    )
+    store.set_timeout(timeout)
+    group, _ = c10d._new_process_group_helper(
+        world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(group_name, store),
+        group_name=group_name, backend_options=None, timeout=timeout,
+    )  # fmt: skip
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def _broadcast(group: Any, t: Tensor) -> None:
+    """Group rank 0 sends ``t``, every other rank receives into it (in place)."""
+    import torch.distributed as dist
+
+    dist.broadcast(t, src=0, group=group)
 
 
 def _header_tensor(metas: List[TensorMeta], version: int) -> Tensor:
@@ -123,11 +144,15 @@ class BroadcastSender:
         self.group, self.device = group, device
 
     def _bcast(self, t: Tensor) -> None:
-        self.group.broadcast(t, 0).wait()
+        _broadcast(self.group, t)
 
     def send(self, named_tensors: NamedTensors) -> None:
         for _, t in named_tensors:
             self._bcast(t.detach().to(self.device).contiguous())
+
+    def send_flat(self, flat: Tensor) -> None:
+        """One broadcast of a whole bucket's bytes (SGLang's ``flattened_bucket`` load format)."""
+        self._bcast(flat.to(self.device))
 
     def send_bucket(self, named_tensors: NamedTensors, version: int) -> None:
         """Header (length, then JSON with version and metas), then the tensors."""
@@ -147,16 +172,23 @@ class BroadcastReceiver:
         out = []
         for m in metas:
             t = torch.empty(m.shape, dtype=dtype_of(m.dtype), device=self.device)
-            self.group.broadcast(t, 0).wait()
+            _broadcast(self.group, t)
             out.append((m.name, t))
         return out
+
+    def recv_flat(self, metas: Sequence[TensorMeta]) -> Tensor:
+        """The bytes of a bucket sent by :meth:`BroadcastSender.send_flat` (uint8, laid out in ``metas`` order)."""
+        nbytes = sum(int(torch.Size(m.shape).numel()) * dtype_of(m.dtype).itemsize for m in metas)
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        _broadcast(self.group, flat)
+        return flat
 
     def recv_bucket(self) -> Tuple[List[Tuple[str, Tensor]], int]:
         """One bucket sent by :meth:`BroadcastSender.send_bucket`: ``(named_tensors, version)``."""
         n = torch.empty(1, dtype=torch.int64, device=self.device)
-        self.group.broadcast(n, 0).wait()
+        _broadcast(self.group, n)
         header = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
-        self.group.broadcast(header, 0).wait()
+        _broadcast(self.group, header)
         info = json.loads(bytes(header.cpu().numpy()).decode())
         metas = [TensorMeta(name, dtype, tuple(shape)) for name, dtype, shape in info["metas"]]
         return self.recv(metas), int(info["version"])
