@@ -3,6 +3,7 @@
     dapo-megatron config [--config X.yaml] [section.key=value ...]   print the resolved config
     dapo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR] [--labels A B]  charts from metrics.jsonl
     dapo-megatron plan [--config X.yaml] [--engine-nodes N] [--gpus-per-node G]  placement dry-run
+    dapo-megatron engines --plan P.json --config X.yaml [overrides]   serve this node's planned SGLang servers
     dapo-megatron train --config X.yaml [overrides]            DAPO training (torchrun / srun / one process)
     dapo-megatron demo [--config X.yaml] [overrides]           the embedded CPU demo, end to end
     dapo-megatron eval --model HF_DIR --config X.yaml          avg@k of an HF model on data.eval_files
@@ -79,7 +80,39 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(format_placement(plan))
     if args.json:
         save_placement(plan, args.json)
+        _ensure_engine_key(os.path.dirname(os.path.abspath(args.json)), bool(plan.engines))
     return 0
+
+
+def _ensure_engine_key(run_dir: str, has_engines: bool) -> None:
+    """A per-job key for the engine servers and the router, next to the plan (mode 0600), made once."""
+    from dapo_megatron.rollout.sglang_server import new_api_key, read_api_key
+
+    if has_engines and read_api_key(run_dir) is None:
+        new_api_key(run_dir)
+
+
+def _add_engines_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--plan", required=True, metavar="PATH", help="placement.json written by `plan --json`")
+    p.add_argument("--node", default=None, help="this node's name in the plan (default: SLURMD_NODENAME, hostname)")
+
+
+def _cmd_engines(args: argparse.Namespace) -> int:
+    import socket
+
+    from dapo_megatron.config_io import load_config
+    from dapo_megatron.controller.engine_node import serve_plan_on_node
+    from dapo_megatron.controller.placement import PlacementError
+    from dapo_megatron.rollout.sglang_server import SGLangStartError
+
+    cfg = load_config(args.config, args.overrides)
+    node = args.node or os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    try:
+        return serve_plan_on_node(cfg, args.plan, node)
+    except (PlacementError, SGLangStartError, FileNotFoundError, TimeoutError) as e:
+        print(f"dapo-megatron engines: {e}", file=sys.stderr)
+        return 1
 
 
 DEMO_CONFIG = "examples/demo_cpu.yaml"
@@ -174,6 +207,11 @@ COMMANDS: Dict[str, tuple] = {
         "print where trainer ranks and engines go (dry run, from the SLURM/torchrun environment)",
         _add_plan_args,
         _cmd_plan,
+    ),
+    "engines": (
+        "serve the SGLang servers (and router) the saved plan puts on this node",
+        _add_engines_args,
+        _cmd_engines,
     ),
     "train": ("DAPO training from a config (one process, torchrun or srun)", _add_config_args, _cmd_train),
     "demo": ("the embedded CPU demo: warm-up, DAPO, export, eval", _add_demo_args, _cmd_demo),

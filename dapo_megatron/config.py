@@ -294,8 +294,15 @@ class RolloutConfig:
         _check(self.server_start_timeout_s > 0, "rollout.server_start_timeout_s", "must be > 0")
         _check(self.weight_check_max_gap > 0, "rollout.weight_check_max_gap", "must be > 0")
         _choice(self.mode, "rollout.mode", ("colocated", "disaggregated"))
-        for name in ("num_engines", "engine_tensor_parallel", "prompts_per_step", "n_samples_per_prompt",
-                     "max_prompt_len", "max_response_len", "max_concurrency"):
+        for name in (
+            "num_engines",
+            "engine_tensor_parallel",
+            "prompts_per_step",
+            "n_samples_per_prompt",
+            "max_prompt_len",
+            "max_response_len",
+            "max_concurrency",
+        ):
             _check(getattr(self, name) >= 1, f"rollout.{name}", "must be >= 1")
         _check(self.gen_prompts_per_round >= 1, "rollout.gen_prompts_per_round", "must be >= 1")
         _check(self.temperature > 0, "rollout.temperature", "must be > 0 (greedy decoding is not a policy)")

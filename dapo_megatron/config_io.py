@@ -68,9 +68,7 @@ def from_dict(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = prefix.rstrip(".") or "top level"
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key in {where}; known keys are {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key in {where}; known keys are {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
     return cls(**kwargs)
 

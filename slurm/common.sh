@@ -56,13 +56,15 @@ dapo_plan_has_engines() {
 }
 
 # Start one srun step per node of a node range that launches the engines planned for that node,
-# in the background. Args: first node index (relative to the allocation), node count, plan JSON.
+# in the background. Args: first node index (relative to the allocation), node count, plan JSON, then
+# the run's config and overrides (the servers' model, memory and device options come from them).
 # Sets ENGINES_PID to the srun's PID, so the caller can stop it by PID when training ends.
 dapo_start_engines() {
   local first=$1 count=$2 plan=$3
+  shift 3
   srun --overlap --relative="$first" --nodes="$count" --ntasks="$count" --ntasks-per-node=1 \
        --kill-on-bad-exit=1 --output="$RUN_DIR/logs/engines-%N.log" \
-       bash "$DAPO_REPO/slurm/engines_on_node.sh" "$plan" &
+       bash "$DAPO_REPO/slurm/engines_on_node.sh" "$plan" "$@" &
   ENGINES_PID=$!
 }
 

@@ -192,16 +192,22 @@ class LocalSlurm:
         env: Mapping[str, str],
         timeout_s: float,
         args: Sequence[str] = (),
+        options: Sequence[str] = (),
         cwd: Optional[str] = None,
     ) -> Tuple[str, str]:
-        """``sbatch`` ``script`` and poll until the job ends. Returns (job id, final JobState).
+        """``sbatch [options] script [args]`` and poll until the job ends. Returns (job id, final JobState).
+
+        ``options`` are sbatch options; given on the command line they win over the script's #SBATCH lines
+        (e.g. ``--ntasks-per-node=1 --gpus-per-node=0`` to fit a GPU script onto this CPU node).
 
         Raises:
             SlurmJobError: the job ended in another state than COMPLETED, or ran past ``timeout_s``
                 (then it is cancelled); the message includes the job record and its output file.
         """
         job_env = {**self.env, **env, "SLURM_CONF": self.conf}
-        return submit_and_wait(script, env=job_env, timeout_s=timeout_s, args=args, cwd=cwd, on_submit=self.submitted)
+        return submit_and_wait(
+            script, env=job_env, timeout_s=timeout_s, args=args, options=options, cwd=cwd, on_submit=self.submitted
+        )
 
     def logs_tail(self, lines: int = 15) -> str:
         out = []
@@ -317,16 +323,19 @@ def submit_and_wait(
     env: Mapping[str, str],
     timeout_s: float,
     args: Sequence[str] = (),
+    options: Sequence[str] = (),
     cwd: Optional[str] = None,
     on_submit: Optional[List[str]] = None,
 ) -> Tuple[str, str]:
-    """Submit ``script`` with ``sbatch --parsable`` (``env`` must hold SLURM_CONF) and wait for its end.
+    """Submit ``script`` with ``sbatch --parsable [options] script [args]`` (``env`` must hold SLURM_CONF)
+    and wait for its end. ``options`` are sbatch options (they win over the script's #SBATCH lines);
+    ``args`` go to the script.
 
     Returns (job id, JobState). COMPLETED is success; any other end, or ``timeout_s`` passing
     (the job is then cancelled), raises :class:`SlurmJobError` with the job's output file.
     """
     proc = subprocess.run(
-        ["sbatch", "--parsable", script, *args],
+        ["sbatch", "--parsable", *options, script, *args],
         capture_output=True,
         text=True,
         timeout=CLIENT_TIMEOUT_S,

@@ -143,10 +143,13 @@ def test_trainer_layout_checks():
         plan_placement(_slurm("n[1-2]", 2, 8, 8), colocated, ParallelConfig(world_size=8))
     with pytest.raises(PlacementError, match="only 4 GPUs"):
         plan_placement(_slurm("n[1-2]", 2, 8, 4), colocated, ParallelConfig())
+    env = _slurm("n1", 1, 2, 0)
+    del env["SLURM_GPUS_ON_NODE"]
     with pytest.raises(PlacementError, match="GPUs per node are unknown"):
-        env = _slurm("n1", 1, 2, 0)
-        del env["SLURM_GPUS_ON_NODE"]
-        plan_placement(env, colocated, ParallelConfig())
+        plan_placement(env, RolloutConfig(engine="sglang", sglang_device="cuda"), ParallelConfig())
+    # sglang_device=auto without GPUs: SGLang's CPU backend, one server per node, no GPU ids
+    cpu = plan_placement(env, colocated, ParallelConfig())
+    assert [(e.node, e.gpu_ids) for e in cpu.engines] == [("n1", ())] and cpu.router_host == "n1"
 
 
 def test_gpu_count_sources_and_override():

@@ -24,22 +24,13 @@ def test_pinned_version():
 def test_generate_request_exact():
     params = SamplingParams(n=4, temperature=0.9, top_p=0.95, top_k=20, max_new_tokens=8, stop_token_ids=(2,), seed=7)
     assert api.generate_request([1, 2, 3], params, rid="req-1") == REQ["generate"]
-    # and the server side reads back the same parameters
-    parsed = api.parse_generate_request(REQ["generate"])
-    assert parsed.params == params and parsed.prompts == [[1, 2, 3]] and parsed.is_single and parsed.rid == "req-1"
+    routed = api.generate_request([1], params, return_routed_experts=True)
+    assert routed["return_routed_experts"] is True and "return_routed_experts" not in REQ["generate"]
 
 
 def test_generate_request_without_seed_or_stops_omits_them():
     sp = api.generate_request([1], SamplingParams())["sampling_params"]
     assert "sampling_seed" not in sp and "stop_token_ids" not in sp
-
-
-def test_parse_batch_and_sglang_defaults():
-    parsed = api.parse_generate_request({"input_ids": [[1, 2], [3]], "sampling_params": [{"n": 2}, {"n": 2}]})
-    assert not parsed.is_single and parsed.prompts == [[1, 2], [3]]
-    assert parsed.params.max_new_tokens == 128 and parsed.params.n == 2  # SGLang's default max_new_tokens
-    with pytest.raises(ValueError, match="input_ids"):
-        api.parse_generate_request({"text": "hello"})
 
 
 def test_control_payloads_exact():
@@ -63,10 +54,7 @@ def test_weight_payloads_exact():
         TensorMeta("model.embed_tokens.weight", "bfloat16", (128, 64)),
         TensorMeta("model.norm.weight", "float32", (64,)),
     ]
-    body = api.update_weights_from_distributed(metas, version=12)
-    assert body == REQ["update_weights_from_distributed"]
-    got, version, group = api.parse_update_weights_from_distributed(body)
-    assert got == [(m.name, m.dtype, m.shape) for m in metas] and version == "12" and group == "weight_update_group"
+    assert api.update_weights_from_distributed(metas, version=12) == REQ["update_weights_from_distributed"]
 
 
 def test_update_weight_session_payloads_exact():
@@ -138,14 +126,15 @@ def test_parse_success_and_router_bodies():
     assert workers["http://127.0.0.1:56469"]["is_healthy"] is True
 
 
-def test_worker_response_item_round_trips_through_parser():
-    from dapo_megatron.rollout.base import Completion
-
-    for reason in ("stop", "length", "abort"):
-        c = Completion([5, 6], [-0.1, -0.2], reason, weight_version=4)
-        item = api.generate_response_item(c, rid="r", prompt_tokens=3, return_logprob=True)
-        assert item["meta_info"]["finish_reason"]["type"] == reason
-        assert api.parse_completion(item).token_ids == [5, 6] and api.parse_completion(item).weight_version == 4
+def test_completion_keeps_version_ranges_and_routed_experts():
+    item = json.loads(json.dumps(RESP["generate_single_stop"]))
+    item["meta_info"]["weight_versions"] = [
+        {"version": "4", "start": 0, "end": 1},
+        {"version": "5", "start": 1, "end": 2},
+    ]
+    item["meta_info"]["routed_experts"] = [[0, 3], [1, 2]]
+    [c] = api.parse_generate_response(item, 1)
+    assert c.meta["weight_versions"][1]["version"] == "5" and c.meta["routed_experts"] == [[0, 3], [1, 2]]
 
 
 def test_launch_command_and_buckets():

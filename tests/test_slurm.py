@@ -1,13 +1,22 @@
-"""Real SLURM: a single-node cluster runs slurm/local_tiny.sbatch as a 2-rank gloo job."""
+"""Real SLURM: a single-node cluster runs slurm/local_tiny.sbatch as a 2-rank gloo job, and
+slurm/single_node_colocated.sbatch with real SGLang CPU servers (marker ``sglang``)."""
 
+import contextlib
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurm, slurm_cluster  # noqa: F401  (session fixture)
+from slurm_cluster import LocalSlurm, SlurmJobError, slurm_cluster  # noqa: F401  (session fixture)
+
+from dapo_megatron.observability.sinks import read_metrics
+from tests.sglang_real import SGLANG_PYTHON, needs_sglang
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +70,6 @@ def test_local_tiny_sbatch_two_rank_gloo_allreduce(slurm_cluster, tmp_path):  # 
 
 def test_local_tiny_sbatch_trains_at_tp2(slurm_cluster, tmp_path):  # noqa: F811
     """The repo's sbatch script with its default command: `dapo-megatron train` on 2 SLURM tasks."""
-    import subprocess
-
     assets = tmp_path / "assets"
     tiny = str(REPO / "examples" / "tiny_cpu.yaml")
     cmd = [sys.executable, "-m", "dapo_megatron", "demo", "--assets-only", str(assets), "--config", tiny]
@@ -80,6 +87,104 @@ def test_local_tiny_sbatch_trains_at_tp2(slurm_cluster, tmp_path):  # noqa: F811
     assert records[-1]["sync/weight_version"] == 2 and "eval/acc" in records[-1]
     assert (run_dir / "checkpoints" / "step_000002" / "meta.pt").is_file()
     assert "tensor: 2" in (run_dir / "config.yaml").read_text()
+
+
+SGLANG_STEPS = 3
+GAP_BOUND = 5e-3  # fp32 trainer and fp32 SGLang CPU server: gaps are about 2e-4 (tests/test_sglang_train.py)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_with(key: str) -> list:
+    """PIDs of the processes whose command line carries ``key`` (the run's SGLang servers and router)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if key.encode() in (Path("/proc") / pid / "cmdline").read_bytes():
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return f"--- {path} ---\n" + (path.read_text(errors="replace")[-chars:] if path.is_file() else "(missing)")
+
+
+@needs_sglang
+@pytest.mark.sglang
+@pytest.mark.slow
+def test_single_node_colocated_sbatch_trains_on_sglang_cpu_servers(slurm_cluster, tmp_path):  # noqa: F811
+    """The shipped one-node script, as a user submits it, on this CPU node: the plan puts one SGLang CPU
+    server (and the router) on the node, `dapo-megatron engines` serves them as an srun step, and
+    `dapo-megatron train` uses them with a live weight sync before every rollout. Only the #SBATCH
+    resources are overridden on the command line (1 task, 1 CPU, no GPU)."""
+    assets = tmp_path / "assets"
+    tiny = str(REPO / "examples" / "tiny_cpu.yaml")
+    cmd = [sys.executable, "-m", "dapo_megatron", "demo", "--assets-only", str(assets), "--config", tiny]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    run_dir = tmp_path / "run"
+    env = _job_env(tmp_path, RUN_DIR=str(run_dir), MASTER_PORT=str(_free_port()), DEMO_ASSETS=str(assets),
+                   CONFIG=tiny)  # fmt: skip
+    overrides = [
+        "rollout.engine=sglang", f"rollout.sglang_python={SGLANG_PYTHON}", f"train.total_steps={SGLANG_STEPS}",
+        "run.eval_every=0", "rollout.server_start_timeout_s=600",
+        # free ports: another test session (or the SGLang tests) may serve on the defaults
+        f"rollout.router_port={_free_port()}", f"rollout.engine_base_port={_free_port()}",
+    ]  # fmt: skip
+    options = ["--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0"]
+    script = str(REPO / "slurm" / "single_node_colocated.sbatch")
+    logs = run_dir / "logs"
+
+    def report(job_output: bool = True) -> str:
+        """The job's output file (unless the SlurmJobError already holds it) and the tails of its logs."""
+        parts = [_tail(p, 6000) for p in sorted(tmp_path.glob("dapo-1node-*.out"))] if job_output else []
+        parts += [_tail(p) for p in sorted(logs.glob("engines-*.log"))]
+        parts += [_tail(p) for p in sorted(logs.glob("sglang-*.log"))]
+        parts += [_tail(p) for p in sorted(logs.glob("router-*.log"))]
+        parts += [_tail(p, 6000) for p in sorted(logs.glob("trainer-*.log"))]
+        return "\n".join(parts)
+
+    key_file = run_dir / "engine_api_key"
+    try:
+        failure = state = None
+        try:
+            _, state = slurm_cluster.submit_and_wait(
+                script, options=options, args=overrides, env=env, timeout_s=900, cwd=str(tmp_path)
+            )
+        except SlurmJobError as e:
+            failure = str(e)
+        if failure is not None:
+            pytest.fail(f"{failure}\n{report(job_output=False)}", pytrace=False)
+        assert state == "COMPLETED", report()
+        plan = json.loads((run_dir / "placement.json").read_text())
+        assert len(plan["engines"]) == 1 and plan["engines"][0]["gpu_ids"] == [], plan  # one CPU server
+        engine_log = logs / f"sglang-{plan['engines'][0]['node']}-{plan['engines'][0]['port']}.log"
+        assert engine_log.is_file(), report()
+        steps = [r for r in read_metrics(str(run_dir)) if r["step"] > 0]
+        assert [r["step"] for r in steps] == list(range(1, SGLANG_STEPS + 1)), report()
+        for r in steps:
+            assert r["sync/weight_version"] == r["step"], (r, report())  # the server serves this step's weights
+            assert r["rollout/stale_samples"] == 0, (r, report())  # sampled with the previous step's
+            assert r["rollout/logprob_gap_mean"] <= GAP_BOUND, (r, report())
+        gaps = [f"{r['rollout/logprob_gap_mean']:.1e}" for r in steps]
+        print(f"sbatch colocated on SGLang CPU: per-step mean |trainer - SGLang| log-prob gap {gaps}")
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert key
+        deadline = time.monotonic() + 10  # the job ended after its engine step stopped; allow reaping
+        while _pids_with(key) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _pids_with(key) == [], f"SGLang processes outlived the job\n{report()}"
+    finally:
+        if key_file.is_file() and key_file.read_text().strip():  # never leave a server behind
+            for pid in _pids_with(key_file.read_text().strip()):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_failing_job_reports_its_output(slurm_cluster, tmp_path):  # noqa: F811

@@ -1,10 +1,10 @@
 """The sbatch scripts without a cluster: syntax, headers a user edits, launch rules, engine launcher."""
 
-import json
+import dataclasses
 import os
 import re
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,8 @@ import pytest
 from dapo_megatron.config import ParallelConfig, RolloutConfig
 from dapo_megatron.controller.placement import plan_placement, save_placement
 
-SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "slurm"
 SBATCH = ["single_node_colocated.sbatch", "multi_node_colocated.sbatch", "disaggregated.sbatch", "local_tiny.sbatch"]
 
 
@@ -43,51 +44,24 @@ def test_sbatch_headers_and_srun_launch(name):
         assert "--relative=0" in text and "dapo_start_engines" in text and "--het" in text  # choice documented
 
 
-def test_engines_on_node_starts_the_planned_slots(tmp_path):
+def test_engines_on_node_starts_the_planned_slots():
+    """The servers `dapo-megatron engines` starts on a node: the plan's ports, TP and GPUs, bound to the
+    node's address (never 0.0.0.0), with the job's key, from the one launcher the trainer also uses."""
+    from dapo_megatron.config import Config
+    from dapo_megatron.controller.engine_node import node_server_options
+    from dapo_megatron.rollout.sglang_server import launch_sglang_server
+
     rollout = RolloutConfig(engine="sglang", mode="disaggregated", num_engines=3, engine_tensor_parallel=2)
     env = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "8"}
-    plan_path = tmp_path / "placement.json"
-    save_placement(plan_placement(env, rollout, ParallelConfig()), str(plan_path))
-    out = tmp_path / "out"
-    out.mkdir()
-    # Engines record their slot and PID, then serve (sleep). The router waits for all three and exits,
-    # which ends the launcher; it must then stop the engines it started.
-    engine_cmd = f'echo "$ENGINE_TP $CUDA_VISIBLE_DEVICES $$" > {out}/engine-$ENGINE_PORT; exec sleep 60'
-    router_cmd = (
-        f"for i in $(seq 100); do [ $(ls {out} | wc -l) -ge 3 ] && break; sleep 0.1; done; "
-        f'echo "$ROUTER_PORT $WORKER_URLS" > {out}/router'
-    )
-    proc = subprocess.run(
-        ["bash", str(SLURM_DIR / "engines_on_node.sh"), str(plan_path)],
-        env={**os.environ, "SLURMD_NODENAME": "n2", "ENGINE_CMD": engine_cmd, "ROUTER_CMD": router_cmd},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    engines = {p.name: p.read_text().split() for p in out.glob("engine-*")}
-    assert sorted(engines) == ["engine-30010", "engine-30018", "engine-30026"]
-    assert [engines[k][:2] for k in sorted(engines)] == [["2", "0,1"], ["2", "2,3"], ["2", "4,5"]]
-    urls = "http://n2:30010 http://n2:30018 http://n2:30026"
-    assert (out / "router").read_text().strip() == f"30000 {urls}"
-    for _, _, pid in engines.values():
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(int(pid)):
-            time.sleep(0.1)
-        assert not _alive(int(pid)), f"engine PID {pid} outlived its launcher"
-    json.loads(plan_path.read_text())  # the plan stays valid JSON for the trainer
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose (its parent, the launcher's bash, is gone; init reaps it).
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    plan = plan_placement(env, rollout, ParallelConfig())
+    cfg = Config(rollout=dataclasses.replace(rollout, sglang_device="cuda", mem_fraction_static=0.8))
+    options = node_server_options(cfg, plan, "n2", "job-key", resolve={"n2": "10.0.0.2"}.__getitem__)
+    assert [(o.port, o.tp, o.gpu_ids) for o in options] == [(30010, 2, (0, 1)), (30018, 2, (2, 3)), (30026, 2, (4, 5))]
+    argv = launch_sglang_server(options[0])
+    assert argv[argv.index("--host") + 1] == "10.0.0.2" and argv[argv.index("--api-key") + 1] == "job-key"
+    assert argv[argv.index("--mem-fraction-static") + 1] == "0.8" and argv[argv.index("--load-format") + 1] == "dummy"
+    assert plan.router_host == "n2" and [e.url for e in plan.engines][0] == "http://n2:30010"
+    assert node_server_options(cfg, plan, "n1", "job-key", resolve=lambda n: "10.0.0.1") == []
 
 
 def test_engines_on_node_refuses_a_node_without_slots(tmp_path):
@@ -95,10 +69,20 @@ def test_engines_on_node_refuses_a_node_without_slots(tmp_path):
     rollout = RolloutConfig(engine="sglang", mode="disaggregated", num_engines=1)
     save_placement(plan_placement(env, rollout, ParallelConfig()), str(tmp_path / "p.json"))
     proc = subprocess.run(
-        ["bash", str(SLURM_DIR / "engines_on_node.sh"), str(tmp_path / "p.json")],
-        env={**os.environ, "SLURMD_NODENAME": "n1"},
+        [
+            "bash",
+            str(SLURM_DIR / "engines_on_node.sh"),
+            str(tmp_path / "p.json"),
+            str(REPO / "examples" / "tiny_cpu.yaml"),
+        ],
+        env={
+            **os.environ,
+            "SLURMD_NODENAME": "n1",
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],  # this venv's CLI
+            "DEMO_ASSETS": str(tmp_path),
+        },
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
-    assert proc.returncode == 1 and "puts nothing on n1" in proc.stderr
+    assert proc.returncode == 1 and "puts nothing on n1" in proc.stderr, proc.stderr

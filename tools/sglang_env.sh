@@ -6,7 +6,8 @@
 # GPU users do not need this script: they install the normal CUDA SGLang (`pip install sglang`) and point
 # rollout.sglang_python at that interpreter; the adapter code is the same.
 #
-# SGLang's CPU kernels (the `sgl_kernel` module) are not on the package registries. Give them as one of:
+# SGLang's CPU kernels (the `sgl_kernel` module) are not on the package registries. They are optional: they
+# speed SGLang up on AVX-512 CPUs, and without them it runs its torch paths. Give them as one of:
 #   SGLANG_KERNEL_WHEEL=/path/to/sglang_kernel_cpu-*.whl   a built wheel;
 #   SGLANG_KERNEL_WHEELS=/dir                              a find-links directory holding it;
 #   SGLANG_SOURCE=/path/to/sglang                          an SGLang source checkout: the wheel is built from
@@ -49,9 +50,8 @@ elif [ -n "${SGLANG_SOURCE:-}" ]; then
     "$py" -m pip install -q --no-deps "$build"/dist/*.whl
     rm -rf "$build"
 else
-    echo "tools/sglang_env.sh: SGLang's CPU kernels are needed: set SGLANG_KERNEL_WHEEL (a wheel),"\
-         "SGLANG_KERNEL_WHEELS (a directory of wheels) or SGLANG_SOURCE (an SGLang checkout to build from)" >&2
-    exit 2
+    echo "tools/sglang_env.sh: no CPU kernels given (SGLANG_KERNEL_WHEEL, SGLANG_KERNEL_WHEELS or SGLANG_SOURCE);"\
+         "SGLang will run its torch paths only"
 fi
 # The kernels are compiled for AVX-512/AMX CPUs (Xeon Sapphire Rapids and newer) and die with SIGILL on
 # others (AMD Zen 3, for one). Probe them in a child process; where they cannot load, leave them out:

@@ -320,9 +320,17 @@ def _split_disaggregated(launch: _Launch, rollout_cfg: Any, engine_nodes: Option
     return launch.nodes[: len(launch.nodes) - engine_nodes]
 
 
+def _cpu_engines(launch: _Launch, rollout_cfg: Any) -> bool:
+    """SGLang servers on CPUs: asked for (``rollout.sglang_device=cpu``), or ``auto`` with no GPU."""
+    device = getattr(rollout_cfg, "sglang_device", "auto")
+    return rollout_cfg.engine == "sglang" and (device == "cpu" or (device == "auto" and not launch.gpus_per_node))
+
+
 def _engines_per_node(launch: _Launch, rollout_cfg: Any, gpus: Optional[int] = None) -> int:
     gpus = launch.gpus_per_node if gpus is None else gpus
     tp = rollout_cfg.engine_tensor_parallel
+    if _cpu_engines(launch, rollout_cfg):
+        return rollout_cfg.num_engines  # CPU servers take no GPU; the node's cores are shared
     if not gpus:
         raise PlacementError(
             f"rollout.engine={rollout_cfg.engine!r} needs GPUs, but the GPUs per node are unknown; "
@@ -355,7 +363,7 @@ def _engine_slots(
     slots = []
     for index in range(total):
         node, local = hosts[index // per_node], index % per_node
-        gpu_ids = tuple(range(local * tp, (local + 1) * tp))
+        gpu_ids = () if _cpu_engines(launch, rollout_cfg) else tuple(range(local * tp, (local + 1) * tp))
         slots.append(EngineSlot(node, rollout_cfg.engine_base_port + local * ENGINE_PORT_STRIDE, tp, gpu_ids))
     return tuple(slots)
 

@@ -249,11 +249,6 @@ class EmbeddedEngine:
                 target.copy_(t.detach().to(device=target.device, dtype=target.dtype))
             self._version = int(version)
 
-    def set_weight_version(self, version: int) -> None:
-        """Stamp ``version`` without loading anything (SGLang's ``/update_weight_version``)."""
-        with self._lock:
-            self._version = int(version)
-
     def state_dict(self) -> Dict[str, Tensor]:
         """Detached copies of the current weights, HF names."""
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

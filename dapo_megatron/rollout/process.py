@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import httpx
 
@@ -75,22 +74,3 @@ def stop_process(proc: subprocess.Popen, *, timeout_s: float = 10.0) -> Optional
             proc.kill()
             proc.wait(timeout=timeout_s)
     return proc.returncode
-
-
-def embedded_worker_argv(*, host: str, port: int, model_config: str, seed: int, dtype: str = "float32") -> List[str]:
-    """Command line of an embedded worker process (:mod:`dapo_megatron.rollout.worker`)."""
-    return [
-        sys.executable,
-        "-m",
-        "dapo_megatron.rollout.worker",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--model-config",
-        model_config,
-        "--seed",
-        str(seed),
-        "--dtype",
-        dtype,
-    ]

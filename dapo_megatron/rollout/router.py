@@ -70,7 +70,7 @@ class SGLangRouter:
             host=host, port=port, prometheus_port=prometheus_port or free_port(host), policy=policy, extra=extra,
             api_key=api_key, health_failure_threshold=health_failure_threshold,
         )  # fmt: skip
-        self._log_path = log_path
+        self._log_path, self._api_key = log_path, api_key
         self.proc = None
         self.worker_ids: Dict[str, str] = {}  # worker url -> router worker id (UUID)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -91,7 +91,7 @@ class SGLangRouter:
 
     def add_worker(self, worker_url: str, *, timeout_s: float = 30.0) -> str:
         """Register a worker and wait until the router lists it healthy; returns its worker id."""
-        r = self._client.post(self.url + "/workers", json=api.router_add_worker(worker_url))
+        r = self._client.post(self.url + "/workers", json=api.router_add_worker(worker_url, self._api_key))
         r.raise_for_status()
         worker_id = api.parse_router_add_worker(r.json())
         self.worker_ids[worker_url] = worker_id
@@ -102,16 +102,6 @@ class SGLangRouter:
                 return worker_id
             time.sleep(0.1)
         raise TimeoutError(f"router did not list {worker_url} as healthy within {timeout_s} s")
-
-    def remove_worker(self, worker_url: str, *, timeout_s: float = 30.0) -> None:
-        """``DELETE /workers/{id}`` and wait until the worker is gone from the list."""
-        worker_id = self.worker_ids.pop(worker_url)
-        self._client.delete(f"{self.url}/workers/{worker_id}").raise_for_status()
-        deadline = time.monotonic() + timeout_s
-        while worker_url in self.workers():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"router still lists {worker_url} after {timeout_s} s")
-            time.sleep(0.1)
 
     def workers(self) -> Dict[str, dict]:
         r = self._client.get(self.url + "/workers")

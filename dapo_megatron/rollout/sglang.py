@@ -1,4 +1,4 @@
-"""SGLang servers (or the embedded worker, which speaks the same API) as a :class:`RolloutEngine`.
+"""Real SGLang servers (behind sglang-router or alone) as a :class:`RolloutEngine`.
 
 ``SGLangEngine(base_url, worker_urls=...)``: ``/generate`` goes to ``base_url`` (a server, or
 sglang-router, which load-balances and retries on another worker when one dies). Control requests

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -99,83 +98,6 @@ def generate_request(
     return body
 
 
-def parse_sampling_params(sp: Optional[Json]) -> SamplingParams:
-    """Server side: SGLang's ``sampling_params`` dict -> :class:`SamplingParams` (SGLang defaults)."""
-    sp = sp or {}
-    return SamplingParams(
-        n=int(sp.get("n", 1)),
-        temperature=float(sp.get("temperature", 1.0)),
-        top_p=float(sp.get("top_p", 1.0)),
-        top_k=int(sp.get("top_k", -1)),
-        max_new_tokens=int(sp.get("max_new_tokens", 128)),
-        stop_token_ids=tuple(sp.get("stop_token_ids") or ()),
-        seed=sp.get("sampling_seed"),
-    )
-
-
-@dataclass
-class ParsedGenerate:
-    """Server side view of a ``/generate`` body: ``prompts`` (one or a batch), shared params."""
-
-    prompts: List[List[int]]
-    params: SamplingParams
-    is_single: bool
-    rid: Optional[str]
-    return_logprob: bool
-
-
-def parse_generate_request(body: Json) -> ParsedGenerate:
-    """Accepts SGLang's ``input_ids`` shapes: ``[int, ...]`` (single) or ``[[int, ...], ...]`` (batch).
-    Text prompts and per-prompt sampling params are not supported by the embedded worker."""
-    ids = body.get("input_ids")
-    if not ids:
-        raise ValueError("input_ids must be a non-empty list (text prompts are not supported)")
-    single = isinstance(ids[0], int)
-    prompts = [list(ids)] if single else [list(p) for p in ids]
-    sp = body.get("sampling_params")
-    if isinstance(sp, list):
-        if any(s != sp[0] for s in sp):
-            raise ValueError("per-prompt sampling_params are not supported; send one dict")
-        sp = sp[0] if sp else {}
-    rid = body.get("rid")
-    return ParsedGenerate(
-        prompts,
-        parse_sampling_params(sp),
-        single,
-        rid if isinstance(rid, str) else None,
-        bool(body.get("return_logprob", False)),
-    )
-
-
-def finish_reason_json(reason: str, *, token_ids: Sequence[int], matched: Optional[int] = None) -> Json:
-    """SGLang's ``finish_reason`` object for ``"stop"`` / ``"length"`` / ``"abort"``."""
-    if reason == "stop":
-        return {"type": "stop", "matched": matched if matched is not None else (token_ids[-1] if token_ids else None)}
-    if reason == "length":
-        return {"type": "length", "length": len(token_ids)}
-    return {
-        "type": "abort",
-        "message": "Abort before prefill" if not token_ids else "Aborted",
-        "status_code": None,
-        "err_type": None,
-    }
-
-
-def generate_response_item(c: Completion, *, rid: str, prompt_tokens: int, return_logprob: bool) -> Json:
-    """One element of a ``/generate`` response, as SGLang's tokenizer manager builds it."""
-    meta: Json = {
-        "id": rid,
-        "finish_reason": finish_reason_json(c.finish_reason, token_ids=c.token_ids),
-        "prompt_tokens": prompt_tokens,
-        "weight_version": str(c.weight_version),
-        "completion_tokens": len(c.token_ids),
-        "cached_tokens": 0,
-    }
-    if return_logprob:
-        meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(c.logprobs, c.token_ids)]
-    return {"output_ids": list(c.token_ids), "meta_info": meta}
-
-
 def _version_int(value: Any) -> int:
     """SGLang's ``weight_version`` is a string (default "default"); ours are stringified ints."""
     try:
@@ -227,11 +149,6 @@ def parse_generate_response(body: Any, n: int) -> List[Completion]:
     if len(items) != n:
         raise SGLangRequestError(f"expected {n} completions, got {len(items)}")
     return [parse_completion(it) for it in items]
-
-
-def error_response(message: str) -> Json:
-    """SGLang's error body (sent with HTTP 400)."""
-    return {"error": {"message": message}}
 
 
 def parse_success(body: Any, what: str) -> str:
@@ -330,18 +247,6 @@ def update_weights_from_distributed(
     }
 
 
-def parse_update_weights_from_distributed(body: Json) -> Tuple[list, Optional[str], str]:
-    """Server side: ``([(name, dtype, shape)], weight_version, group_name)``."""
-    names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
-    if not len(names) == len(dtypes) == len(shapes):
-        raise ValueError(f"names/dtypes/shapes lengths differ: {len(names)}, {len(dtypes)}, {len(shapes)}")
-    return (
-        list(zip(names, dtypes, [tuple(s) for s in shapes])),
-        body.get("weight_version"),
-        body.get("group_name", DEFAULT_GROUP_NAME),
-    )
-
-
 def flatten_bucket(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> torch.Tensor:
     """The raw bytes of every tensor, concatenated in order (uint8 ``[total]``): SGLang's
     ``flattened_bucket`` layout. Each tensor must start at an offset aligned to its dtype (the server
@@ -398,9 +303,10 @@ def update_weights_from_tensor(payload: str, *, version: int, tp_size: int, flus
 
 
 # ----------------------------------------------------------------------------- sglang-router
-def router_add_worker(url: str) -> Json:
-    """``POST /workers`` body (router 0.3.x; the old ``/add_worker`` is gone)."""
-    return {"url": url}
+def router_add_worker(url: str, api_key: Optional[str] = None) -> Json:
+    """``POST /workers`` body (router 0.3.x; the old ``/add_worker`` is gone). ``api_key``: the key the
+    router presents to this worker (without it the router warns that it talks to the worker unauthenticated)."""
+    return {"url": url, "api_key": api_key} if api_key else {"url": url}
 
 
 def parse_router_add_worker(body: Json) -> str:

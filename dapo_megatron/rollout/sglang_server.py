@@ -41,7 +41,8 @@ class SGLangStartError(RuntimeError):
 @dataclass(frozen=True)
 class ServerOptions:
     """What one server needs. ``device`` is ``cuda`` or ``cpu``; ``max_total_tokens`` 0 lets SGLang size
-    the KV pool from ``mem_fraction_static`` (on CPU a bounded pool is used instead, see ``argv``)."""
+    the KV pool from ``mem_fraction_static`` (on CPU a bounded pool is used instead, see ``argv``);
+    ``gpu_ids``: the node-local GPUs the server may see (``CUDA_VISIBLE_DEVICES``; empty: all)."""
 
     model_path: str
     host: str = "127.0.0.1"
@@ -54,6 +55,7 @@ class ServerOptions:
     api_key: Optional[str] = None
     seed: Optional[int] = None
     max_total_tokens: int = 0
+    gpu_ids: Tuple[int, ...] = ()
     extra: Tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -140,10 +142,17 @@ class SGLangServer:
 
     def start(self) -> SGLangServer:
         argv = launch_sglang_server(self.opts, python=self.python)
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env=server_env(self.opts.device), start_new_session=True)  # fmt: skip
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # it logs the api key
+        with os.fdopen(fd, "a") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                         start_new_session=True)  # fmt: skip
         return self
+
+    def _env(self) -> Dict[str, str]:
+        env = server_env(self.opts.device)
+        if self.opts.gpu_ids and self.opts.device == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.opts.gpu_ids)
+        return env
 
     def wait_ready(self, *, timeout_s: float) -> None:
         """``/health_generate`` answers 200 (the model ran once); raises :class:`SGLangStartError` with the
