@@ -82,12 +82,17 @@ def test_a_worker_killed_mid_step_loses_no_group(fleet):
     def source(k):
         return [PromptItem(i, [3 + i % 7, 4, 5], "a") for i in (next(items) for _ in range(k))]
 
+    async def step():
+        try:
+            return await rollout.run(source)
+        finally:
+            await engine.shutdown()
+
     try:
-        batch, metrics = asyncio.run(rollout.run(source))
+        batch, metrics = asyncio.run(step())
     finally:
         killed.set()
         killer.join()
-        asyncio.run(engine.shutdown())
     assert not victim.alive() and fleet.servers[0].alive()
     ids = [g.metadata["group_id"] for g in batch]
     assert len(batch) == TARGET and len(set(ids)) == TARGET  # the step completed, no group twice

@@ -136,6 +136,8 @@ def test_single_node_colocated_sbatch_trains_on_sglang_cpu_servers(slurm_cluster
         # free ports: another test session (or the SGLang tests) may serve on the defaults
         f"rollout.router_port={_free_port()}", f"rollout.engine_base_port={_free_port()}",
     ]  # fmt: skip
+    # Command-line options win over the #SBATCH lines. SLURM 22.05 refuses any GPU request on a node
+    # without gres (even --gres=none), but accepts --gpus-per-node=0, which replaces the script's 8.
     options = ["--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0"]
     script = str(REPO / "slurm" / "single_node_colocated.sbatch")
     logs = run_dir / "logs"
@@ -171,6 +173,7 @@ def test_single_node_colocated_sbatch_trains_on_sglang_cpu_servers(slurm_cluster
             assert r["sync/weight_version"] == r["step"], (r, report())  # the server serves this step's weights
             assert r["rollout/stale_samples"] == 0, (r, report())  # sampled with the previous step's
             assert r["rollout/logprob_gap_mean"] <= GAP_BOUND, (r, report())
+        assert "weight check (first step)" in (logs / "trainer-0.log").read_text(), report()
         gaps = [f"{r['rollout/logprob_gap_mean']:.1e}" for r in steps]
         print(f"sbatch colocated on SGLang CPU: per-step mean |trainer - SGLang| log-prob gap {gaps}")
         assert key_file.stat().st_mode & 0o777 == 0o600

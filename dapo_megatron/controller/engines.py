@@ -125,7 +125,9 @@ def connect_weight_transport(cfg: Config, engines: List[Any], run: Any) -> None:
         run(engine.init_weight_group(address, free_port("127.0.0.1" if local else ""), backend=backend))
 
 
-def _sglang_from_placement(cfg: Config, path: str, run_dir: str, *, ready_timeout_s: float = 1800.0) -> Any:
+def _sglang_from_placement(cfg: Config, path: str, run_dir: str) -> Any:
+    """The servers `dapo-megatron engines` started from the plan: wait until each answers and the router
+    lists a healthy worker (it registers them only once they loaded), within rollout.server_start_timeout_s."""
     from dapo_megatron.controller.placement import load_placement
     from dapo_megatron.rollout.process import wait_http_ok
     from dapo_megatron.rollout.sglang import SGLangEngine
@@ -137,9 +139,9 @@ def _sglang_from_placement(cfg: Config, path: str, run_dir: str, *, ready_timeou
     api_key = read_api_key(run_dir)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     workers = [e.url for e in plan.engines]
-    deadline = time.monotonic() + ready_timeout_s
-    for url in workers:  # servers load the model for minutes; wait for each before the first step
-        wait_http_ok(f"{url}/health", timeout_s=max(1.0, deadline - time.monotonic()), headers=headers)
+    deadline = time.monotonic() + cfg.rollout.server_start_timeout_s
     router = f"http://{plan.router_host}:{plan.router_port}"
+    for url in [*(f"{w}/health" for w in workers), f"{router}/readiness"]:
+        wait_http_ok(url, timeout_s=max(1.0, deadline - time.monotonic()), headers=headers)
     return SGLangEngine(router, worker_urls=workers, engine_tp=cfg.rollout.engine_tensor_parallel,
                         api_key=api_key, transport=_transport(cfg))  # fmt: skip

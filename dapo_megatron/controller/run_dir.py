@@ -24,8 +24,10 @@ MARKER = ".dapo_megatron_run"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 # What the sbatch scripts put into a fresh run folder before the trainer starts (slurm/common.sh
-# makes logs/, `dapo-megatron plan --json` writes placement.json): such a folder is still "new".
-LAUNCHER_ENTRIES = {"logs", "placement.json"}
+# makes logs/, `dapo-megatron plan --json` writes placement.json and the engines' key): such a
+# folder is still "new". (The key file's name is sglang_server.API_KEY_FILE; not imported, so this
+# module stays free of the rollout layer.)
+LAUNCHER_ENTRIES = {"logs", "placement.json", "engine_api_key"}
 
 
 class RunDirError(RuntimeError):
