@@ -12,9 +12,7 @@ CPU = [
     "safetensors>=0.4",
     "tokenizers>=0.19",
     "httpx>=0.27",
-    "fastapi>=0.110",
-    "uvicorn>=0.29",
-    "sglang-router>=0.3",
+    "sglang-router==0.3.2",  # the router the SGLang adapter is tested against (tests/test_sglang_*.py)
     "tqdm>=4.66",
     "rich>=13",
     "matplotlib>=3.8",
@@ -35,7 +33,7 @@ setup(
     extras_require={
         "cpu": CPU,
         "gpu": CPU + ["transformer-engine[pytorch]>=2.1"],
-        "sglang": ["sglang>=0.5.4", "sglang-router>=0.3", "httpx>=0.27"],
+        "sglang": ["sglang==0.5.23", "sglang-router==0.3.2", "httpx>=0.27"],  # the pinned, tested versions
         "vllm": ["vllm>=0.11"],
         "math_verify": ["math-verify>=0.7"],
         "wandb": ["wandb>=0.19"],

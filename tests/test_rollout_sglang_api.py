@@ -149,8 +149,9 @@ def test_launch_command_and_buckets():
     cpu = launch_sglang_server(ServerOptions("/m", device="cpu", enable_memory_saver=True))
     assert cpu[cpu.index("--device") + 1] == "cpu" and "--enable-memory-saver" not in cpu  # CUDA-only saver
     assert cpu[cpu.index("--max-total-tokens") + 1] == "16384"
-    env = server_env("cpu", base={"PYTHONPATH": "/x"})
+    env = server_env("cpu", base={"PYTHONPATH": "/x", "RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r"})
     assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["PYTHONPATH"].endswith(":/x")
+    assert not {"RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"} & set(env)  # a trainer rank's world is not the server's
     assert "SGLANG_USE_CPU_ENGINE" not in server_env("cuda", base={})
     named = [(str(i), torch.zeros(10)) for i in range(5)]  # 40 bytes each
     assert [[n for n, _ in b] for b in _buckets(named, 100)] == [["0", "1"], ["2", "3"], ["4"]]

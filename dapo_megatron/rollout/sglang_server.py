@@ -85,10 +85,22 @@ def launch_sglang_server(opts: ServerOptions, *, python: str = "python") -> List
     return argv + list(opts.extra)
 
 
+# The trainer's launcher variables (torchrun, torch elastic). A server started by a trainer rank must not
+# inherit them: SGLang's scheduler would join the trainer's world (WORLD_SIZE=2 under a 2-rank torchrun)
+# and wait forever for a peer that never comes.
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+
+
 def server_env(device: str, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The server's environment: ``base`` (default ``os.environ``) plus, on CPU, SGLang's CPU-engine
-    switch, the shim first on PYTHONPATH, and the preloaded allocator where the machine has it."""
-    env = dict(os.environ if base is None else base)
+    """The server's environment: ``base`` (default ``os.environ``) without the trainer's launcher
+    variables, plus, on CPU, SGLang's CPU-engine switch, the shim first on PYTHONPATH, and the
+    preloaded allocator where the machine has it."""
+    env = {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")
+    }
     env.setdefault("HF_HUB_OFFLINE", "1")  # the model folder is local; never reach for a hub
     if device != "cpu":
         return env

@@ -97,14 +97,18 @@ def create_update_group(
     engine side of ``/init_weights_update_group`` (``sglang.srt.utils.init_custom_process_group``), so
     the trainer and real SGLang servers meet in one group:
 
-    * a ``tcp://`` rendezvous on ``master_address:master_port`` (rank 0 hosts the store);
+    * a TCP store on ``master_address:master_port`` hosted by rank 0 (what SGLang's ``tcp://``
+      rendezvous connects to). Built directly, not through ``rendezvous``: under torchrun that helper
+      connects to the elastic agent's store instead (``TORCHELASTIC_USE_AGENT_STORE``), and the
+      engines, which dial the given address, would wait for a store nobody hosts;
     * the store prefixed by ``group_name`` (no separator, as SGLang does);
     * ``torch.distributed``'s own group helper, with ranks mapped one to one.
 
     Rank 0 is the sender. The result works with ``torch.distributed.broadcast(t, src=0, group=g)``.
-    This uses torch internals (``rendezvous``, ``_new_process_group_helper``, ``_world``) because the
-    peer does; they are covered by the transport and real-server tests.
+    This uses torch internals (``_new_process_group_helper``, ``_world``) because the peer does; they
+    are covered by the transport and real-server tests.
     """
+    import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -112,10 +116,8 @@ def create_update_group(
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("backend='nccl' needs a CUDA device; CPU machines use gloo")
-    store, rank, world_size = next(
-        c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
-    store.set_timeout(timeout)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                          multi_tenant=True)  # fmt: skip
     group, _ = c10d._new_process_group_helper(
         world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(group_name, store),
         group_name=group_name, backend_options=None, timeout=timeout,
