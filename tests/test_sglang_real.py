@@ -52,6 +52,19 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def generate(fleet, params):
+    """One ``generate`` through a fresh adapter (closed on the same event loop)."""
+
+    async def go():
+        engine = engine_for(fleet)
+        try:
+            return await engine.generate(PROMPT, params, timeout_s=120)
+        finally:
+            await engine.shutdown()
+
+    return run(go())
+
+
 def gap_to(model_path, completions, temperature):
     model = hf_model(model_path)
     gaps = [
@@ -62,16 +75,7 @@ def gap_to(model_path, completions, temperature):
 
 
 def test_generate_logprobs_match_transformers(fleet, models):
-    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=12)
-
-    async def go():
-        engine = engine_for(fleet)
-        try:
-            return await engine.generate(PROMPT, params, timeout_s=120)
-        finally:
-            await engine.shutdown()
-
-    completions = run(go())
+    completions = generate(fleet, SamplingParams(n=2, temperature=0.7, max_new_tokens=12))
     assert len(completions) == 2 and all(len(c.token_ids) == len(c.logprobs) > 0 for c in completions)
     gap = gap_to(models[0], completions, 0.7)
     print(f"SGLang vs transformers log-prob gap at T=0.7: {gap:.2e}")
@@ -84,16 +88,7 @@ def test_requests_need_the_api_key(fleet):
 
 
 def test_a_seeded_group_gives_each_sample_its_own_request(fleet):
-    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=11)
-
-    async def go():
-        engine = engine_for(fleet)
-        try:
-            return await engine.generate(PROMPT, params, timeout_s=120)
-        finally:
-            await engine.shutdown()
-
-    completions = run(go())
+    completions = generate(fleet, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=11))
     assert len(completions) == 3 and len({c.meta["id"] for c in completions}) == 3
 
 
