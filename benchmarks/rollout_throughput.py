@@ -66,11 +66,19 @@ async def measure(engine, *, concurrency: int, requests: int, n: int, prompt_len
 
 
 def run_all(engine, levels, args) -> dict:
-    out = {}
-    for c in levels:
-        out[c] = asyncio.run(measure(engine, concurrency=c, requests=max(args.requests, c), n=args.n,
-                                     prompt_len=args.prompt_len, max_new=args.max_new))  # fmt: skip
-    return out
+    """Every concurrency level on one event loop (the SGLang adapter's HTTP client belongs to it)."""
+
+    async def levels_then_close() -> dict:
+        out = {}
+        try:
+            for c in levels:
+                out[c] = await measure(engine, concurrency=c, requests=max(args.requests, c), n=args.n,
+                                       prompt_len=args.prompt_len, max_new=args.max_new)  # fmt: skip
+        finally:
+            await engine.shutdown()
+        return out
+
+    return asyncio.run(levels_then_close())
 
 
 def main() -> None:

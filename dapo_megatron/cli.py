@@ -124,11 +124,20 @@ def _input_error(command: str, e: Exception) -> int:
     return 2
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (scancel, a parent stopping us) unwinds like an error, so the session's ``finally`` work
+    runs: the SGLang servers this process started are stopped instead of outliving it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from dapo_megatron.config_io import load_config
     from dapo_megatron.controller.loop import train
     from dapo_megatron.controller.run_dir import RunDirError
 
+    _exit_on_sigterm()
     cfg = load_config(args.config, args.overrides)
     try:
         train(cfg)
@@ -155,6 +164,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dapo_megatron.controller.demo import run_demo, write_assets
     from dapo_megatron.controller.run_dir import RunDirError
 
+    _exit_on_sigterm()
     if args.assets_only:  # configs made for `train` on the assets name them as ${DEMO_ASSETS}
         os.environ.setdefault("DEMO_ASSETS", os.path.abspath(args.assets_only))
     cfg = load_config(_demo_config_path(args.config), args.overrides)

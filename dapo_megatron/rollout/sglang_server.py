@@ -105,6 +105,7 @@ def server_env(device: str, base: Optional[Dict[str, str]] = None) -> Dict[str, 
     if device != "cpu":
         return env
     env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env["DAPO_SGLANG_PARENT_PID"] = str(os.getpid())  # the shim ties the server's life to ours
     env["PYTHONPATH"] = os.pathsep.join(p for p in (SHIM_DIR, env.get("PYTHONPATH", "")) if p)
     preload = [p for p in _CPU_PRELOAD if os.path.exists(p)]
     if preload and "LD_PRELOAD" not in env:

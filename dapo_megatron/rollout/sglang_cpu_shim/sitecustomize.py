@@ -20,6 +20,9 @@ and detokenizer processes SGLang spawns. It changes nothing in the trainer's own
    a dense model's path, but a few modules import names from ``sgl_kernel`` at import time. When the
    library is not installed, a placeholder module answers those imports with functions that raise a
    clear error if they are ever called; nothing is computed by it.
+4. **No orphans.** The server's first process asks the kernel to SIGTERM it when the process that
+   started it (a trainer rank) dies, even by SIGKILL; SGLang then stops its own children. Only that
+   process does it: the variable naming the parent is removed before SGLang spawns anything.
 """
 
 import sys
@@ -76,6 +79,21 @@ def _placeholder_for_missing_kernels() -> None:
     sys.modules["sgl_kernel"] = module
 
 
+def _die_with_parent() -> None:
+    import os
+    import signal
+
+    parent = os.environ.pop("DAPO_SGLANG_PARENT_PID", None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_die_with_parent()
 if torch is not None:
     torch.cpu._is_amx_tile_supported = lambda: False
     _import_torchvision_without_ops()
