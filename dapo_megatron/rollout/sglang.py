@@ -184,8 +184,8 @@ class SGLangEngine:
             if not self._in_flight:
                 return
             await asyncio.sleep(_STRAGGLER_WAIT_S)
-            for rid in list(self._in_flight):
-                await self._control("POST", "/abort_request", api.abort_request(rid=rid))
+            rids = list(self._in_flight)
+            await asyncio.gather(*(self._control("POST", "/abort_request", api.abort_request(rid=r)) for r in rids))
 
     async def pause(self) -> None:
         await self._control("POST", "/pause_generation", api.pause_generation(self.pause_mode))
