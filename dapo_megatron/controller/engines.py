@@ -131,13 +131,14 @@ def _sglang_from_placement(cfg: Config, path: str, run_dir: str) -> Any:
     from dapo_megatron.controller.placement import load_placement
     from dapo_megatron.rollout.process import wait_http_ok
     from dapo_megatron.rollout.sglang import SGLangEngine
+    from dapo_megatron.rollout.sglang_api import auth_headers
     from dapo_megatron.rollout.sglang_server import read_api_key
 
     plan = load_placement(path)
     if not plan.engines:
         raise ValueError(f"{path}: the plan lists no engine servers")
     api_key = read_api_key(run_dir)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    headers = auth_headers(api_key)
     workers = [e.url for e in plan.engines]
     deadline = time.monotonic() + cfg.rollout.server_start_timeout_s
     router = f"http://{plan.router_host}:{plan.router_port}"

@@ -73,8 +73,7 @@ class SGLangRouter:
         self._log_path, self._api_key = log_path, api_key
         self.proc = None
         self.worker_ids: Dict[str, str] = {}  # worker url -> router worker id (UUID)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        self._client = httpx.Client(timeout=10.0, headers=headers)
+        self._client = httpx.Client(timeout=10.0, headers=api.auth_headers(api_key))
 
     @property
     def url(self) -> str:

@@ -94,8 +94,7 @@ class SGLangEngine:
             raise ValueError(f"transport must be 'tensor' or 'distributed', got {transport!r}")
         self.base_url = base_url.rstrip("/")
         self.worker_urls = [u.rstrip("/") for u in (worker_urls or [base_url])]
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        self._client = client or httpx.AsyncClient(timeout=timeout_s, headers=headers)
+        self._client = client or httpx.AsyncClient(timeout=timeout_s, headers=api.auth_headers(api_key))
         self._own_client = client is None
         self.timeout_s, self.engine_tp, self.bucket_bytes = timeout_s, engine_tp, bucket_bytes
         self.pause_mode, self.transport, self.owner = pause_mode, transport, owner

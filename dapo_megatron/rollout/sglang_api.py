@@ -160,6 +160,11 @@ def parse_success(body: Any, what: str) -> str:
 
 
 # ----------------------------------------------------------------------------- control plane
+def auth_headers(api_key: Optional[str]) -> Dict[str, str]:
+    """The header a server (or router) started with ``--api-key`` asks for on every route; none without a key."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def abort_request(*, rid: Optional[str] = None, abort_all: bool = False) -> Json:
     """``AbortReq``: one request id, or every request (``rid`` "" as SGLang defaults it)."""
     return {"rid": rid or "", "abort_all": bool(abort_all)}
@@ -261,17 +266,6 @@ def flatten_bucket(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> torch.T
         parts.append(raw)
         offset += raw.numel()
     return torch.cat(parts)
-
-
-def unflatten_bucket(flat: torch.Tensor, metas: Sequence[Any]) -> List[Tuple[str, torch.Tensor]]:
-    """Inverse of :func:`flatten_bucket` given ``TensorMeta``-like metas (views into ``flat``)."""
-    out, offset = [], 0
-    for m in metas:
-        dtype = getattr(torch, m.dtype) if isinstance(m.dtype, str) else m.dtype
-        size = int(torch.Size(m.shape).numel()) * dtype.itemsize
-        out.append((m.name, flat[offset : offset + size].view(dtype).reshape(tuple(m.shape))))
-        offset += size
-    return out
 
 
 def serialize_named_tensors(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> str:

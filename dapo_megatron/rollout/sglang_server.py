@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from dapo_megatron.rollout import sglang_api as api
 from dapo_megatron.rollout.process import free_port, wait_http_ok
 
 SHIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sglang_cpu_shim")
@@ -173,7 +174,7 @@ class SGLangServer:
         assert self.proc is not None, "start() first"
         try:
             wait_http_ok(self.url + "/health_generate", timeout_s=timeout_s, proc=self.proc, poll_s=1.0,
-                         headers=_auth(self.opts.api_key))  # fmt: skip
+                         headers=api.auth_headers(self.opts.api_key))  # fmt: skip
         except (RuntimeError, TimeoutError) as e:
             where, tail = self.log_path, log_tail(self.log_path)
             msg = f"SGLang server {self.url} did not start ({e}); last lines of {where}:\n{tail}"
@@ -203,10 +204,6 @@ class SGLangServer:
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)  # start_new_session: the group id is the leader's pid
-
-
-def _auth(api_key: Optional[str]) -> Dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def start_servers(servers: Sequence[SGLangServer], *, timeout_s: float) -> None:

@@ -178,13 +178,6 @@ class BroadcastReceiver:
             out.append((m.name, t))
         return out
 
-    def recv_flat(self, metas: Sequence[TensorMeta]) -> Tensor:
-        """The bytes of a bucket sent by :meth:`BroadcastSender.send_flat` (uint8, laid out in ``metas`` order)."""
-        nbytes = sum(int(torch.Size(m.shape).numel()) * dtype_of(m.dtype).itemsize for m in metas)
-        flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        _broadcast(self.group, flat)
-        return flat
-
     def recv_bucket(self) -> Tuple[List[Tuple[str, Tensor]], int]:
         """One bucket sent by :meth:`BroadcastSender.send_bucket`: ``(named_tensors, version)``."""
         n = torch.empty(1, dtype=torch.int64, device=self.device)
