@@ -243,5 +243,69 @@ def test_internal_error_is_reported_as_wrong(monkeypatch: pytest.MonkeyPatch) ->
         return s
 
     monkeypatch.setattr(dapo_math, "normalize_answer", broken)
+    dapo_math.normalized_ground_truth.cache_clear()  # "4" may be cached by an earlier test
     assert dapo_math.score_dapo_math("Answer: 4", "4") == RewardResult(-1.0, False, "4")
     assert calls == ["4", "4"]
+
+
+def test_a_repeated_ground_truth_is_normalised_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group's responses share one ground truth: it is normalised on the first call only."""
+    import dapo_megatron.rewards.dapo_math as dapo_math
+
+    seen: list[str] = []
+    real = dapo_math.normalize_answer
+
+    def counting(s: str) -> str:
+        seen.append(s)
+        return real(s)
+
+    monkeypatch.setattr(dapo_math, "normalize_answer", counting)
+    truth = "\\frac{1}{2} (a ground truth used by no other test)"
+    results = [dapo_math.score_dapo_math(f"Answer: {k}", truth) for k in range(16)]
+    assert all(r.acc is False for r in results)
+    assert seen.count(truth) == 1
+    assert dapo_math.score_dapo_math("Answer: " + real(truth), truth).acc  # the cached value is the right one
+
+
+def test_ground_truth_over_the_bound_is_wrong_in_bounded_time() -> None:
+    from dapo_megatron.rewards.base import MAX_GROUND_TRUTH_CHARS
+
+    # Text before the last "=" is dropped by the normaliser, so both of these normalise to "7".
+    at_limit = "y" * (MAX_GROUND_TRUTH_CHARS - 2) + "=7"
+    assert score_dapo_math("Answer: 7", at_limit) == RewardResult(1.0, True, "7")
+    assert score_dapo_math("Answer: 7", "y" + at_limit) == RewardResult(-1.0, False, "7")
+    result, seconds = _timed("Answer: 1", "x" * (5 * MB))
+    print(f"5 MB ground truth: {seconds * 1000:.3f} ms")
+    assert result == RewardResult(-1.0, False, "1") and seconds < 0.01
+
+
+def test_check_ground_truth_names_the_limit_and_the_place() -> None:
+    from dapo_megatron.rewards.base import MAX_GROUND_TRUTH_CHARS, GroundTruthTooLongError, check_ground_truth
+
+    check_ground_truth("1" * MAX_GROUND_TRUTH_CHARS, where="f.jsonl row 3")
+    with pytest.raises(GroundTruthTooLongError) as err:
+        check_ground_truth("1" * (MAX_GROUND_TRUTH_CHARS + 1), where="f.jsonl row 3")
+    text = str(err.value)
+    assert "f.jsonl row 3" in text and "reward_model.ground_truth" in text
+    assert f"{MAX_GROUND_TRUTH_CHARS + 1}" in text and f"{MAX_GROUND_TRUTH_CHARS}" in text
+    assert isinstance(err.value, ValueError)  # the CLI reports ValueErrors as input errors (exit 2)
+
+
+def test_loading_refuses_an_over_long_ground_truth_before_tokenizing(tmp_path) -> None:
+    """The bound holds at load time (train, eval and demo all read prompts through ``load_prompts``)."""
+    import json
+
+    from dapo_megatron.config import Config
+    from dapo_megatron.controller.prompts import load_prompts
+    from dapo_megatron.rewards.base import MAX_GROUND_TRUTH_CHARS, GroundTruthTooLongError
+
+    def row(k: int, truth: str) -> str:
+        prompt = [{"role": "user", "content": f"problem {k}"}]
+        return json.dumps({"prompt": prompt, "reward_model": {"ground_truth": truth, "style": "rule"}})
+
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(row(0, "1") + "\n")
+    bad.write_text(row(1, "2") + "\n" + row(2, "9" * (MAX_GROUND_TRUTH_CHARS + 1)) + "\n")
+    # tokenizer=None: the bound must be checked before any prompt is tokenized.
+    with pytest.raises(GroundTruthTooLongError, match=rf"{re.escape(str(bad))} row 1\b.*{MAX_GROUND_TRUTH_CHARS}"):
+        load_prompts([str(good), str(bad)], None, Config())

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any, List, Sequence, Tuple
 
 from dapo_megatron.config import Config
-from dapo_megatron.data.dataset import PromptDataset
+from dapo_megatron.data.dataset import PromptDataset, iter_raw_records
 from dapo_megatron.data.sampler import ResumableSampler
+from dapo_megatron.rewards.base import MAX_GROUND_TRUTH_CHARS, check_ground_truth
 from dapo_megatron.rollout.generator import PromptItem
 
 
@@ -32,9 +33,29 @@ def load_prompts(
     ``cfg.rollout.max_prompt_len`` as the bound (the one way train, eval and warm-up data are read)."""
     data, _ = PromptDataset.from_files(list(files), dedup=dedup, template=cfg.data.template,
                                        skip_malformed=skip_malformed)  # fmt: skip
+    check_ground_truths(data, files)  # cheap, so before tokenizing
     ids = tokenize_all(data, tokenizer, apply_chat_template=cfg.data.apply_chat_template,
                        max_prompt_len=cfg.rollout.max_prompt_len)  # fmt: skip
     return data, ids
+
+
+def check_ground_truths(dataset: PromptDataset, files: Sequence[str]) -> None:
+    """Refuse a row whose ground truth exceeds the rewards' bound, naming its file and row.
+
+    Rows do not record their file, so the (rare) error path re-reads ``files`` to find it.
+    """
+    for row in dataset.rows:
+        if len(row.ground_truth) > MAX_GROUND_TRUTH_CHARS:
+            check_ground_truth(row.ground_truth, where=_locate_ground_truth(files, row.ground_truth))
+
+
+def _locate_ground_truth(files: Sequence[str], truth: str) -> str:
+    for path in files:
+        for n, _line, record in iter_raw_records(path):
+            reward_model = record.get("reward_model") if isinstance(record, dict) else None
+            if isinstance(reward_model, dict) and reward_model.get("ground_truth") == truth:
+                return f"{path} row {n}"
+    return f"a row of {', '.join(files)}"
 
 
 class SampledPrompts:

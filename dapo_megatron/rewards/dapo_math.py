@@ -9,15 +9,18 @@ Safety on untrusted text:
   slice; the one regex (``ANSWER_PATTERN``) runs on that bounded tail only;
 * every step of the normaliser is a plain string operation or a hand-written forward scan, linear in
   the length of its input, so a long ground truth is safe as well (no backtracking regex anywhere);
+* a ground truth is normalised once (an LRU cache keyed by the string: a group's responses share
+  one), and one over ``MAX_GROUND_TRUTH_CHARS`` is never normalised (scored wrong; loaders refuse it);
 * nothing is evaluated, and ``score_dapo_math`` catches every exception and reports it as wrong.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Optional
 
-from dapo_megatron.rewards.base import INVALID, RewardResult, wrong
+from dapo_megatron.rewards.base import INVALID, MAX_GROUND_TRUTH_CHARS, RewardResult, wrong
 
 TAIL_CHARS = 300
 """How many trailing characters of a response are searched for the answer."""
@@ -230,12 +233,27 @@ def strip_eos(response: str, eos_text: Optional[str]) -> str:
     return response
 
 
+GROUND_TRUTH_CACHE_SIZE = 4096
+"""Normalised ground truths kept; with the length bound the cache holds at most about
+``2 * 4096 * MAX_GROUND_TRUTH_CHARS`` characters (33 MB), in practice a few hundred short answers."""
+
+
+@functools.lru_cache(maxsize=GROUND_TRUTH_CACHE_SIZE)
+def normalized_ground_truth(ground_truth: str) -> str:
+    """``normalize_answer(ground_truth)``, computed once per distinct string (thread-safe cache).
+
+    Callers check the length bound first, so the cache never holds an over-long key.
+    """
+    return normalize_answer(ground_truth)
+
+
 def score_dapo_math(response: str, ground_truth: str, *, eos_text: Optional[str] = None) -> RewardResult:
     """Score a decoded response against a ground truth with the DAPO-Math rule.
 
     Args:
         response: the decoded response (special tokens already skipped by the caller).
-        ground_truth: the reference answer; it is normalised with the same rule.
+        ground_truth: the reference answer; it is normalised with the same rule (once per distinct
+            string, cached). Over ``MAX_GROUND_TRUTH_CHARS`` characters it is scored wrong unread.
         eos_text: the decoded EOS token; one trailing copy is stripped before the tail is taken.
 
     Returns:
@@ -252,9 +270,9 @@ def score_dapo_math(response: str, ground_truth: str, *, eos_text: Optional[str]
         if raw == INVALID:
             return wrong()
         pred = normalize_answer(raw)
-        if not isinstance(ground_truth, str):
-            return wrong(pred)
-        if pred == normalize_answer(ground_truth):
+        if not isinstance(ground_truth, str) or len(ground_truth) > MAX_GROUND_TRUTH_CHARS:
+            return wrong(pred)  # over-long: refused at load time; never normalised here (bounded cost)
+        if pred == normalized_ground_truth(ground_truth):
             return RewardResult(score=1.0, acc=True, pred=pred)
         return wrong(pred)
     except Exception:  # untrusted input must never take the trainer down
