@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from dapo_megatron.config_rules import expert_layout_problem, non_finite_float, non_string_item
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong. The message names the dotted key and what is allowed."""
@@ -21,6 +23,12 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _refuse(problem: Optional[str]) -> None:
+    """Raise a rule's problem line (``config_rules``) when there is one."""
+    if problem:
+        raise ConfigError(problem)
 
 
 def _choice(value: object, key: str, allowed: tuple) -> None:
@@ -119,6 +127,7 @@ class ParallelConfig:
             f"{self.tensor}*{self.pipeline}*{self.context} = {model_parallel}; "
             "the world size must be a multiple of it",
         )
+        _refuse(expert_layout_problem(self.world_size, model_parallel, self.expert))
 
 
 @dataclass(frozen=True)
@@ -402,6 +411,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice(self.template, "data.template", ("dapo", "none"))
+        _refuse(non_string_item(self.train_files, "data.train_files"))
+        _refuse(non_string_item(self.eval_files, "data.eval_files"))
 
 
 @dataclass(frozen=True)
@@ -540,6 +551,7 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:
+        _refuse(non_finite_float(self))  # the whole tree, also when sections were built in code
         buf = self.algo.overlong_buffer
         _check(
             not buf.enable or buf.len < self.rollout.max_response_len,

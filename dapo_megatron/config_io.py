@@ -13,6 +13,7 @@ section's ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -105,6 +106,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML .inf/.nan, "inf", 1e999: they pass every "> 0" range check
+            raise ConfigError(f"{key}: expected a finite number, got {float(value)!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
