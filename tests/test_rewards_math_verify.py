@@ -77,6 +77,24 @@ def test_adversarial_input_is_cut_off_and_the_scorer_recovers(scorer: MathVerify
     assert scorer("Answer: 4", "4") == RewardResult(1.0, True, "4")
 
 
+def test_consecutive_timeouts_each_stay_within_the_budget() -> None:
+    """The worker killed by a timeout is replaced by a warm spare: the next call does not pay the
+    replacement's start-up (about a second of imports) on top of its own timeout."""
+    timeout_s, margin_s = 3.0, 0.5
+    with MathVerifyScorer(timeout_s=timeout_s) as s:
+        assert s.warmup()
+        for k in range(2):
+            start = time.perf_counter()
+            result = s(ADVERSARIAL, "1")
+            seconds = time.perf_counter() - start
+            print(f"adversarial call {k}: {seconds:.2f} s (timeout {timeout_s} s)")
+            assert result == RewardResult(-1.0, False, INVALID)
+            assert timeout_s * 0.9 < seconds < timeout_s + margin_s, (k, seconds)
+        # On a loaded machine the spare may still be importing; once it is ready, scoring works.
+        assert s.warmup()
+        assert s("Answer: 4", "4") == RewardResult(1.0, True, "4")
+
+
 def test_huge_response_is_cheap(scorer: MathVerifyScorer) -> None:
     start = time.perf_counter()
     result = scorer("{" * 5_000_000 + "\nAnswer: 4", "4")
