@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from dapo_megatron.config import Config
+from dapo_megatron.controller.run_dir import RunLock
 
 SFT_DIR = "sft"
 
@@ -161,13 +162,23 @@ def eval_hf_folder(cfg: Config, model_dir: str) -> Dict[str, float]:
 
 def run_demo(cfg: Config, *, console: bool = True) -> Dict[str, float]:
     """The four demo stages; returns (and prints) the accuracy summary and wall time."""
+    from dapo_megatron.controller.run_dir import lock_run_dir
+
+    start = time.perf_counter()
+    root = os.path.abspath(cfg.run.dir)
+    lock = lock_run_dir(root)  # one demo or train per folder, from here to the summary
+    try:
+        return _run_demo_locked(cfg, root, lock, console=console, start=start)
+    finally:
+        lock.release()
+
+
+def _run_demo_locked(cfg: Config, root: str, lock: RunLock, *, console: bool, start: float) -> Dict[str, float]:
     from dapo_megatron.controller.loop import train
     from dapo_megatron.controller.run_dir import prepare_run_dir
     from dapo_megatron.megatron.checkpoint import latest_checkpoint
     from dapo_megatron.observability.sinks import read_metrics
 
-    start = time.perf_counter()
-    root = os.path.abspath(cfg.run.dir)
     prepare_run_dir(root, resume=cfg.run.resume, config=cfg)  # marks the folder before assets go in
     assets = write_assets(cfg, os.path.join(root, "assets"))
     sft_ckpt = os.path.join(root, "assets", SFT_DIR)
@@ -176,7 +187,7 @@ def run_demo(cfg: Config, *, console: bool = True) -> Dict[str, float]:
         summary.update(sft_warmup(with_assets(cfg, assets), sft_ckpt, progress=console))
     summary["time/sft_s"] = time.perf_counter() - start
     rl_cfg = with_assets(cfg, assets, load=sft_ckpt)
-    train(rl_cfg, console=console)
+    train(rl_cfg, console=console, run_lock=lock)
     evals = [r for r in read_metrics(os.path.join(root, "metrics.jsonl")) if "eval/acc" in r]
     summary["demo/acc_before_rl"] = evals[0]["eval/acc"]
     summary["demo/acc_after_rl"] = evals[-1]["eval/acc"]

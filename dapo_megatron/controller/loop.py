@@ -16,6 +16,7 @@ from dapo_megatron.algo import tis_weights
 from dapo_megatron.config import Config
 from dapo_megatron.controller.batch import build_train_batch, reward_metrics
 from dapo_megatron.controller.evaluate import eval_sampling, evaluate
+from dapo_megatron.controller.run_dir import RunLock
 from dapo_megatron.controller.session import TrainingSession, metrics_of
 from dapo_megatron.controller.weight_sync import push_weights
 from dapo_megatron.observability.timers import PhaseTimer
@@ -25,13 +26,14 @@ from dapo_megatron.types import Group, TrainBatch
 ROLLOUT_FILE = "step_{}.jsonl"  # one dumped step (run.dump_rollouts), read back by run.replay_rollouts
 
 
-def train(cfg: Config, *, console: bool = True) -> Dict[str, float]:
+def train(cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = None) -> Dict[str, float]:
     """Run DAPO from the last checkpoint (or the start) to ``train.total_steps``.
 
+    ``run_lock``: the run folder's lock when the caller (``demo``) already holds it.
     Returns the metrics of the last step on rank 0 (``{}`` on other ranks, or when nothing ran).
     """
     last: Dict[str, float] = {}
-    with TrainingSession(cfg, console=console) as s:
+    with TrainingSession(cfg, console=console, run_lock=run_lock) as s:
         sync_engines(s, version=s.start_step)  # engines serve the restored (or initial) policy
         if s.start_step == 0 and cfg.run.eval_every > 0 and not cfg.run.replay_rollouts:
             log_step(s, 0, run_eval(s))  # the "before" accuracy

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from dapo_megatron.config import Config
 from dapo_megatron.controller.engines import build_engines, connect_weight_transport, read_hf_config
 from dapo_megatron.controller.prompts import SampledPrompts, load_prompts
-from dapo_megatron.controller.run_dir import RunPaths, prepare_run_dir
+from dapo_megatron.controller.run_dir import RunLock, RunPaths, lock_run_dir, prepare_run_dir
 from dapo_megatron.rollout.base import SamplingParams
 
 STEP_DIR = "step_{:06d}"
@@ -66,14 +66,18 @@ class TrainingSession:
     Attributes (``None`` on ranks other than 0 where marked):
         cfg, paths, rank0, actor, start_step (the last completed step: 0 for a fresh run);
         tokenizer*, rollout* (``StreamingRollout``), engines*, logger*, eval_data* (or None).
+
+    Rank 0 holds the run folder's single-writer lock (``run_lock``, or one it takes itself and
+    releases in :meth:`close`) from before the folder is touched until the session is closed.
     """
 
-    def __init__(self, cfg: Config, *, console: bool = True):
+    def __init__(self, cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = None):
         self.cfg = cfg
         self.env, self.topology, self.spec, self.actor = start_trainer(cfg)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.engines: List[Any] = []
         self.logger: Any = None
+        self._lock, self._own_lock = run_lock, run_lock is None
         try:
             self._open(cfg, console)
         except BaseException:
@@ -82,7 +86,8 @@ class TrainingSession:
 
     def _open(self, cfg: Config, console: bool) -> None:
         self.rank0 = self.env.rank == 0
-        if self.rank0:
+        if self.rank0:  # the lock first: a second run must neither read nor write this folder
+            self._lock = self._lock or lock_run_dir(cfg.run.dir)
             self.paths = prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, config=cfg)
         _barrier()
         self.paths = RunPaths.under(cfg.run.dir)
@@ -194,6 +199,8 @@ class TrainingSession:
             self.logger.close()
             self.logger = None
         shutdown()
+        if self._lock is not None and self._own_lock:  # last: nothing of this run writes after it
+            self._lock.release()
 
 
 class TimedReward:
