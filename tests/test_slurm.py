@@ -85,7 +85,7 @@ def test_local_tiny_sbatch_trains_at_tp2(slurm_cluster, tmp_path):  # noqa: F811
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward/acc" in r] == [1, 2]
     assert records[-1]["sync/weight_version"] == 2 and "eval/acc" in records[-1]
-    assert (run_dir / "checkpoints" / "step_000002" / "meta.pt").is_file()
+    assert (run_dir / "checkpoints" / "step_000002" / "meta.json").is_file()
     assert "tensor: 2" in (run_dir / "config.yaml").read_text()
 
 

@@ -183,7 +183,7 @@ def _run_demo_locked(cfg: Config, root: str, lock: RunLock, *, console: bool, st
     assets = write_assets(cfg, os.path.join(root, "assets"))
     sft_ckpt = os.path.join(root, "assets", SFT_DIR)
     summary: Dict[str, float] = {}
-    if not os.path.isfile(os.path.join(sft_ckpt, "meta.pt")):
+    if not os.path.isfile(os.path.join(sft_ckpt, "meta.json")):
         summary.update(sft_warmup(with_assets(cfg, assets), sft_ckpt, progress=console))
     summary["time/sft_s"] = time.perf_counter() - start
     rl_cfg = with_assets(cfg, assets, load=sft_ckpt)

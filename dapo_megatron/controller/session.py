@@ -154,7 +154,10 @@ class TrainingSession:
     def _restore(self) -> int:
         from dapo_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint
 
-        found = latest_checkpoint(self.paths.checkpoints_dir) if self.cfg.run.resume else None
+        # A broken newest checkpoint (missing or truncated file) is skipped for the newest intact one.
+        # Every rank checks the same shared folder, so all choose alike; rank 0 says what it skipped.
+        report = _report_skipped if self.rank0 else None
+        found = latest_checkpoint(self.paths.checkpoints_dir, report=report) if self.cfg.run.resume else None
         if found is None:
             if self.cfg.model.load:
                 load_checkpoint(self.actor, self.cfg.model.load, model_only=True)
@@ -223,6 +226,13 @@ class TimedReward:
         with self._lock:
             seconds, self._seconds = self._seconds, 0.0
         return seconds
+
+
+def _report_skipped(message: str) -> None:
+    """How a resume says which checkpoint it skipped and why (stderr: it is a warning)."""
+    import sys
+
+    print(f"resume: {message}", file=sys.stderr, flush=True)
 
 
 def _prune_checkpoints(checkpoints_dir: str, *, keep: int) -> None:

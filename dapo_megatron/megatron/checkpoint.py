@@ -3,9 +3,16 @@
 Layout of one checkpoint folder ``path``::
 
     path/                 dist_checkpointing (torch_dist) files: model weights + optimizer state
-    path/meta.pt          rank 0: step, extra_state, scheduler state, layout, optimizer_saved
-    path/rng/rank_<r>.pt  every rank: python, torch CPU, CUDA and megatron tracker RNG states
+    path/meta.json        rank 0: step, extra_state, scheduler state, layout, optimizer_saved, and
+                          ``files``: every other file's size (written after all ranks finished)
+    path/rng/rank_<r>.safetensors  every rank: python, numpy, torch CPU, CUDA, megatron tracker RNG
     <parent>/latest       the folder name of the newest complete checkpoint (written atomically)
+
+Data only: nothing of ours is pickled (``ckpt_data``: JSON and safetensors), and before megatron
+reads a folder :func:`verify_checkpoint` checks the recorded file set and sizes, scans torch's
+pickled ``.metadata`` against an allowlist and loads ``common.pt`` weights-only (``ckpt_files``).
+A checkpoint of the older pickle format (``meta.pt``) is refused with a :class:`CheckpointError`
+saying how to use its weights.
 
 Weights and optimizer state are saved as ShardedTensors with *global* keys, so a checkpoint saved
 at one TP/PP(/VPP) layout loads at another (dist_checkpointing reshards). The optimizer uses
@@ -27,18 +34,30 @@ loaded optimizer starts fresh, exactly like the saved one would have.
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import random
 import secrets
 import shutil
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.megatron.ckpt_data import from_json, read_rng_file, to_json, write_rng_file
+from dapo_megatron.megatron.ckpt_files import (
+    LEGACY_META,
+    META,
+    META_FORMAT,
+    CheckpointError,
+    file_sizes,
+    read_meta,
+    verify_checkpoint,
+)
+
+__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "verify_checkpoint"]
+
 LATEST = "latest"
-_META = "meta.pt"
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -100,6 +119,7 @@ def _rng_state() -> Dict[str, Any]:
 
     return {
         "python": random.getstate(),
+        "numpy": _numpy_random().get_state() if _numpy_random() else None,
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "tracker": get_cuda_rng_tracker().get_states(),
@@ -110,10 +130,25 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(state["python"])
+    if state["numpy"] is not None and _numpy_random():
+        _numpy_random().set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _numpy_random() -> Any:
+    """numpy's global RNG module, or None without numpy (its state is saved when it exists)."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.random
+
+
+def _rng_file(path: str, rank: int) -> str:
+    return os.path.join(path, "rng", f"rank_{rank}.safetensors")
 
 
 def _layout(actor: Any) -> Dict[str, int]:
@@ -121,25 +156,35 @@ def _layout(actor: Any) -> Dict[str, int]:
     return {"world_size": t.world_size, "tp": t.tp, "pp": t.pp, "vpp": t.vpp, "dp": t.dp}
 
 
-def _write_into(actor: Any, tmp: str, *, step: int, extra_state: dict) -> None:
-    """Every rank: sharded state (collective) and its RNG file; rank 0: ``meta.pt``."""
+def _write_into(actor: Any, tmp: str) -> bool:
+    """Every rank: sharded state (collective) and its RNG file. Returns whether optimizer state went in."""
     from megatron.core import dist_checkpointing
 
     with_optimizer = _optimizer_has_state(actor)
     dist_checkpointing.save(_sharded_state(actor, is_loading=False, with_optimizer=with_optimizer), tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank()}.pt"))
-    if _rank() == 0:
-        meta = {
-            "step": int(step),
-            "extra_state": pickle.dumps(extra_state),
-            "scheduler": actor.scheduler.state_dict(),
-            "skipped_updates_total": actor.skipped_updates_total,
-            "updates_applied": actor.updates_applied,
-            "layout": _layout(actor),
-            "optimizer_saved": with_optimizer,
-        }
-        torch.save(meta, os.path.join(tmp, _META))
+    write_rng_file(_rng_file(tmp, _rank()), _rng_state())
+    return with_optimizer
+
+
+def _write_meta(actor: Any, tmp: str, *, step: int, extra_state: dict, with_optimizer: bool) -> None:
+    """Rank 0, after every rank's files are written: ``meta.json`` with the file set and sizes.
+
+    It is written last so that its ``files`` table lists the finished files; the folder is still
+    the unpublished ``tmp``, so a crash here leaves no loadable half of a checkpoint.
+    """
+    meta = {
+        "format": META_FORMAT,
+        "step": int(step),
+        "extra_state": to_json(extra_state),
+        "scheduler": to_json(actor.scheduler.state_dict(), "scheduler"),
+        "skipped_updates_total": int(actor.skipped_updates_total),
+        "updates_applied": int(actor.updates_applied),
+        "layout": _layout(actor),
+        "optimizer_saved": with_optimizer,
+        "files": file_sizes(tmp),
+    }
+    _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1).encode())
 
 
 def _publish(tmp: str, path: str, nonce: str) -> None:
@@ -162,9 +207,13 @@ def _publish(tmp: str, path: str, nonce: str) -> None:
 def save_checkpoint(actor: Any, path: str, *, step: int, extra_state: dict) -> None:
     """Collective: save ``actor`` (weights, optimizer, scheduler, RNG) and ``extra_state`` at ``path``.
 
-    ``extra_state`` must be picklable (data sampler position, accumulator state, ...). ``path``'s
-    parent folder must exist. All ranks must call with the same ``path``.
+    ``extra_state`` must be JSON data, tuples, :class:`~dapo_megatron.types.Sample` and
+    :class:`~dapo_megatron.types.Group` (``ckpt_data.to_json``; rank 0's is stored). It is encoded
+    before anything is written, so a value that cannot be stored fails the save, not a later load.
+    ``path``'s parent folder must exist. All ranks must call with the same ``path``.
     """
+    if _rank() == 0:
+        to_json(extra_state)
     nonce = [secrets.token_hex(4) if _rank() == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(nonce, src=0)
@@ -172,9 +221,10 @@ def save_checkpoint(actor: Any, path: str, *, step: int, extra_state: dict) -> N
     if _rank() == 0:
         os.makedirs(tmp)
     _barrier()
-    _write_into(actor, tmp, step=step, extra_state=extra_state)
-    _barrier()
+    with_optimizer = _write_into(actor, tmp)
+    _barrier()  # every rank's files are complete: rank 0 can record their sizes
     if _rank() == 0:
+        _write_meta(actor, tmp, step=step, extra_state=extra_state, with_optimizer=with_optimizer)
         _publish(tmp, path, nonce[0])
     _barrier()
 
@@ -186,26 +236,28 @@ def load_checkpoint(actor: Any, path: str, *, model_only: bool = False) -> Tuple
     (the checkpoint's lr schedule wins over the config's, megatron's ``use_checkpoint`` rule); RNG
     states are restored when the world size matches the saved one (``actor.rng_restored`` says
     whether they were). ``model_only=True`` loads the weights alone -- starting a new run from
-    existing weights -- and leaves optimizer, scheduler, counters and RNG as they are.
+    existing weights, a converted HF checkpoint or an old-format one -- and leaves optimizer,
+    scheduler, counters and RNG as they are.
+
+    The folder is verified first (:func:`verify_checkpoint`): a missing, truncated or code-carrying
+    file raises :class:`CheckpointError` on every rank before megatron reads anything.
     """
-    meta_path = os.path.join(path, _META)
-    if not os.path.exists(meta_path):
-        # A converted HF checkpoint (tools/convert_hf_to_megatron.py) holds weights only.
-        if not model_only:
-            raise FileNotFoundError(
-                f"{meta_path} is missing: {path} is not a training checkpoint of this project; "
-                "a converted HF checkpoint loads with model_only=True (model.load)"
-            )
+    if model_only:
+        verify_checkpoint(path, weights_only=True)
         _load_sharded(actor, path, with_optimizer=False)
         _barrier()
         return 0, {}
-    meta = torch.load(meta_path, weights_only=False)
-    with_optimizer = bool(meta["optimizer_saved"]) and not model_only
-    _load_sharded(actor, path, with_optimizer=with_optimizer)
-    if not model_only:
-        _restore_training_state(actor, path, meta)
+    meta = verify_checkpoint(path)
+    if meta is None:
+        # A converted HF checkpoint (tools/convert_hf_to_megatron.py) holds weights only.
+        raise CheckpointError(
+            f"{os.path.join(path, META)} is missing: {path} is not a training checkpoint of this project; "
+            "a converted HF checkpoint loads with model_only=True (model.load)"
+        )
+    _load_sharded(actor, path, with_optimizer=bool(meta["optimizer_saved"]))
+    _restore_training_state(actor, path, meta)
     _barrier()
-    return int(meta["step"]), pickle.loads(meta["extra_state"])
+    return int(meta["step"]), from_json(meta["extra_state"])
 
 
 def _load_sharded(actor: Any, path: str, *, with_optimizer: bool) -> None:
@@ -227,29 +279,64 @@ def _restore_training_state(actor: Any, path: str, meta: Dict[str, Any]) -> None
     actor.scheduler.load_state_dict(meta["scheduler"])
     actor.skipped_updates_total = meta["skipped_updates_total"]
     actor.updates_applied = meta["updates_applied"]
-    rng_file = os.path.join(path, "rng", f"rank_{_rank()}.pt")
+    rng_file = _rng_file(path, _rank())
     same_world = meta["layout"]["world_size"] == actor.topology.world_size
     actor.rng_restored = same_world and os.path.exists(rng_file)
     if actor.rng_restored:
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(read_rng_file(rng_file))
 
 
-def latest_checkpoint(checkpoints_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint in ``checkpoints_dir``, or None.
+def latest_checkpoint(checkpoints_dir: str, *, report: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    """Path of the newest intact checkpoint in ``checkpoints_dir``, or None when it holds none.
 
-    Reads the ``latest`` pointer; if the pointed folder is missing (a crash between the two renames
-    of :func:`save_checkpoint`), falls back to its ``.old-*`` copy.
+    Candidates, in order: the folder the ``latest`` pointer names; its ``.old-*`` copy (a crash
+    between the two renames of :func:`save_checkpoint` leaves only that); then every other
+    published folder with a ``meta.json``, newest recorded step first. The first that passes
+    :func:`verify_checkpoint` wins; each one skipped is passed to ``report`` with the reason.
+    Raises :class:`CheckpointError` when candidates exist but none is intact: starting over
+    silently would discard the run's progress.
     """
+    skipped: List[str] = []
+    for path in _candidates(checkpoints_dir):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            skipped.append(f"skipping checkpoint {path}: {e}")
+            if report is not None:
+                report(skipped[-1])
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {checkpoints_dir}: " + "; ".join(skipped)
+                              + ". Move the broken folders away to start over, or restore them")  # fmt: skip
+    return None
+
+
+def _candidates(checkpoints_dir: str) -> List[str]:
+    """Checkpoint folders of ``checkpoints_dir`` in the order :func:`latest_checkpoint` tries them."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
     pointer = os.path.join(checkpoints_dir, LATEST)
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        name = f.read().strip()
-    path = os.path.join(checkpoints_dir, name)
-    if os.path.exists(os.path.join(path, _META)):
-        return path
-    asides = sorted(
-        (p for p in os.listdir(checkpoints_dir) if p.startswith(f"{name}.old-")),
-        key=lambda p: os.path.getmtime(os.path.join(checkpoints_dir, p)),
-    )
-    return os.path.join(checkpoints_dir, asides[-1]) if asides else None
+    name = ""
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+    entries = [e for e in os.listdir(checkpoints_dir) if ".tmp-" not in e]  # unpublished saves never count
+    first = [name] if name in entries else []
+    first += sorted((e for e in entries if name and e.startswith(f"{name}.old-")),
+                    key=lambda e: os.path.getmtime(os.path.join(checkpoints_dir, e)), reverse=True)  # fmt: skip
+    rest = [e for e in entries if e not in first and _is_checkpoint(os.path.join(checkpoints_dir, e))]
+    rest.sort(key=lambda e: _recorded_step(os.path.join(checkpoints_dir, e)), reverse=True)
+    return [os.path.join(checkpoints_dir, e) for e in first + rest]
+
+
+def _is_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in (META, LEGACY_META))
+
+
+def _recorded_step(path: str) -> int:
+    """The step in ``path``'s meta.json; -1 when unreadable (tried last, and its check says why)."""
+    try:
+        meta = read_meta(path)
+        return int(meta["step"]) if meta else -1
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return -1

@@ -163,6 +163,16 @@ def _init_process_group() -> bool:
     return True
 
 
+def _verify(ckpt: str) -> None:
+    """Name a missing, truncated or code-carrying checkpoint file before megatron reads any of it."""
+    from dapo_megatron.megatron.ckpt_files import CheckpointError, verify_checkpoint
+
+    try:
+        verify_checkpoint(ckpt, weights_only=True)  # only weights are exported: an old meta.pt is never read
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+
+
 def export(ckpt: str, hf_dir: str, out: str, dtype: str | None = None, *, max_shard_bytes: int = 5 * 1024**3,
            progress: bool = True) -> None:  # fmt: skip
     """Write the HF folder ``out`` from ``ckpt`` using ``hf_dir``'s config and tokenizer."""
@@ -177,8 +187,7 @@ def export(ckpt: str, hf_dir: str, out: str, dtype: str | None = None, *, max_sh
         mapping.check_spec(spec)
     except (ValueError, KeyError) as e:
         raise ExportError(f"{src / 'config.json'}: {e}") from None
-    if not Path(ckpt, "metadata.json").is_file():
-        raise ExportError(f"{ckpt}: not a megatron dist checkpoint (no metadata.json)")
+    _verify(ckpt)
     dtype = dtype or _source_dtype(config)
     created = _init_process_group()
     try:
