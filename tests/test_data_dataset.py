@@ -262,7 +262,7 @@ def test_tokenize_with_chat_template_contains_prompt_and_generation_prompt(tmp_p
     assert ids == [vocab[w] for w in ["<|user|>", "what", "is", "one", "plus", "one", "?", "<|end|>", "<|assistant|>"]]
     plain = ds.tokenize(1, tok, apply_chat_template=False, max_prompt_len=100)
     assert plain == [vocab[w] for w in ["what", "is", "two", "?"]]
-    with pytest.raises(PromptTooLongError, match=r"prompt row 0 .* 9 tokens, more than max_prompt_len=8"):
+    with pytest.raises(PromptTooLongError, match=r"t.jsonl row 0 \(line 1\): prompt has 9 tokens, more than .*=8"):
         ds.tokenize(0, tok, apply_chat_template=True, max_prompt_len=8)
 
 

@@ -5,14 +5,24 @@ passed in by the caller.
 """
 
 from dapo_megatron.data.dataset import (
-    MalformedRowError,
+    CHARS_PER_TOKEN_BOUND,
     PromptDataset,
     PromptRow,
-    PromptTooLongError,
     eval_avg_at_k,
     iter_prompt_records,
     load_prompt_rows,
     parse_record,
+)
+from dapo_megatron.data.errors import (
+    EVAL_ORIGIN,
+    TRAIN_ORIGIN,
+    DataError,
+    DataFileError,
+    DataOrigin,
+    EmptyDatasetError,
+    EmptyPromptError,
+    MalformedRowError,
+    PromptTooLongError,
 )
 from dapo_megatron.data.packing import (
     balance_across_ranks,
@@ -24,6 +34,14 @@ from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.data.template import DAPO_TEMPLATE, DAPO_TEMPLATE_PREFIX, apply_template, format_dapo_prompt
 
 __all__ = [
+    "CHARS_PER_TOKEN_BOUND",
+    "EVAL_ORIGIN",
+    "TRAIN_ORIGIN",
+    "DataError",
+    "DataFileError",
+    "DataOrigin",
+    "EmptyDatasetError",
+    "EmptyPromptError",
     "DAPO_TEMPLATE",
     "DAPO_TEMPLATE_PREFIX",
     "MalformedRowError",

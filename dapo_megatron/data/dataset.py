@@ -8,13 +8,16 @@ Schema of one row (the released DAPO-Math-17k and AIME-2024 files)::
     reward_model: {ground_truth: str, style: str}
     extra_info:   {index: int}                 (not used by training)
 
-Parquet files are read one record batch at a time with pyarrow (no pandas), so the 1.7 M-row
-DAPO-Math-17k file is never converted as a whole. jsonl files hold one JSON object per line; blank
-lines are ignored and a line that is not a JSON object is a malformed row.
+Files are read by :mod:`dapo_megatron.data.readers` (parquet one record batch at a time, jsonl line
+by line; blank lines are ignored and a line that is not UTF-8 JSON is a malformed row).
 
 Row numbers in messages count data rows from 0 in each file (for jsonl, the 1-based line number is
 given as well). A malformed row raises :class:`MalformedRowError` unless ``skip_malformed`` is set,
-in which case it is counted in the ``malformed_skipped`` statistic and left out.
+in which case it is counted in the ``malformed_skipped`` statistic and left out. Load-time bounds
+are malformed rows too: a blank problem (it would reach generation as a prompt of no tokens) and,
+given ``max_prompt_len``, a prompt too long in characters to fit (refused before tokenizing).
+Every error names the file, row and the setting that fixes it (:mod:`dapo_megatron.data.errors`);
+a load never returns an empty dataset.
 
 The prompt template (``data.template``) is applied to the *last* user message of each row; see
 :mod:`dapo_megatron.data.template`. ``PromptRow.problem_key`` is that message's content after
@@ -26,32 +29,27 @@ Tokenizers are passed in by the caller (anything with ``apply_chat_template`` / 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from dapo_megatron.data.errors import (
+    TRAIN_ORIGIN,
+    DataOrigin,
+    EmptyDatasetError,
+    EmptyPromptError,
+    MalformedRowError,
+    PromptTooLongError,
+    row_where,
+)
+from dapo_megatron.data.readers import check_file, iter_raw_records
 from dapo_megatron.data.template import TEMPLATES, apply_template
 
-PARQUET_EXTENSIONS = (".parquet",)
-JSONL_EXTENSIONS = (".jsonl", ".ndjson")
-_PARQUET_BATCH_ROWS = 8192
-
-
-class MalformedRowError(ValueError):
-    """A row does not follow the schema.
-
-    The message reads ``"<file> row <n>: field '<field>' <what was expected>, got <what was found>"``.
-    ``path``, ``row`` (0-based data row in the file) and ``field`` are kept as attributes.
-    """
-
-    def __init__(self, path: str, row: int, field: str, message: str, line: Optional[int] = None):
-        where = f"{path} row {row}" + (f" (line {line})" if line is not None else "")
-        super().__init__(f"{where}: field '{field}' {message}")
-        self.path = path
-        self.row = row
-        self.field = field
-        self.line = line
+#: Prompts longer than ``max_prompt_len * CHARS_PER_TOKEN_BOUND`` characters are refused before
+#: tokenizing (tokenizing a 5 MB prompt took 21 s only to refuse it). Natural-language and LaTeX
+#: prompts average 3-5 characters per token, so a prompt over this bound cannot fit in
+#: ``max_prompt_len`` tokens unless nearly every token spans 32+ characters.
+CHARS_PER_TOKEN_BOUND = 32
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,9 @@ class PromptRow:
     ``index`` is the row's position in the list returned by :func:`load_prompt_rows` (after
     skipping and deduplication), which is also its index in :class:`PromptDataset` -- the value to
     use as ``Group.prompt_index``. ``messages`` are ``{"role", "content"}`` dicts with the template
-    applied to the last user message; ``problem_key`` is that message's content.
+    applied to the last user message; ``problem_key`` is that message's content, never blank.
+    ``source_path``, ``source_row`` and ``source_line`` say where the row was read (for errors
+    found later, e.g. at tokenization); ``""`` / ``-1`` / ``None`` when not read from a file.
     """
 
     index: int
@@ -69,6 +69,15 @@ class PromptRow:
     ground_truth: str
     data_source: str
     problem_key: str
+    source_path: str = ""
+    source_row: int = -1
+    source_line: Optional[int] = None
+
+    def where(self) -> str:
+        """``"<file> row <n> (line <l>)"``, or ``"prompt row <index>"`` for a row not read from a file."""
+        if not self.source_path:
+            return f"prompt row {self.index}"
+        return row_where(self.source_path, self.source_row, self.source_line)
 
 
 def _describe(value: object) -> str:
@@ -81,83 +90,22 @@ def _describe(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading raw records
-# ---------------------------------------------------------------------------------------------
-
-
-def _file_kind(path: str) -> str:
-    lower = path.lower()
-    if lower.endswith(PARQUET_EXTENSIONS):
-        return "parquet"
-    if lower.endswith(JSONL_EXTENSIONS):
-        return "jsonl"
-    allowed = ", ".join(PARQUET_EXTENSIONS + JSONL_EXTENSIONS)
-    raise ValueError(f"{path}: unknown prompt file type; expected one of {allowed}")
-
-
-def _check_file(path: str) -> str:
-    kind = _file_kind(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    if not os.path.isfile(path):
-        raise ValueError(f"prompt file is not a regular file: {path}")
-    return kind
-
-
-def iter_raw_records(path: str) -> Iterator[Tuple[int, Optional[int], Any]]:
-    """Yield ``(row, line, record)`` for each data row of one file, streaming.
-
-    ``line`` is the 1-based line number for jsonl and ``None`` for parquet. ``record`` is the
-    row as a dict, or for a jsonl line that is not valid JSON a :class:`MalformedRowError`
-    (yielded, not raised, so the caller decides whether to skip it).
-    """
-    path = os.fspath(path)
-    kind = _check_file(path)
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        row = 0
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-            for item in batch.to_pylist():
-                yield row, None, item
-                row += 1
-        return
-    row = 0
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            record: Any
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                record = MalformedRowError(
-                    path, row, "<line>", f"must be one JSON object, got invalid JSON ({exc})", line_no
-                )
-            yield row, line_no, record
-            row += 1
-
-
-# ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_record(record: Any, *, path: str, row: int, line: Optional[int] = None, template: str = "dapo") -> PromptRow:
-    """Validate one raw record and build its :class:`PromptRow` (with ``index=-1``).
+class _Bad:
+    """Builds the :class:`MalformedRowError` of one row (where it is, the field, what is wrong)."""
 
-    Raises :class:`MalformedRowError` naming the file, row and field on the first problem found.
-    """
+    def __init__(self, path: str, row: int, line: Optional[int]):
+        self.path, self.row, self.line = path, row, line
 
-    def bad(field: str, message: str) -> MalformedRowError:
-        return MalformedRowError(path, row, field, message, line)
+    def __call__(self, field: str, message: str) -> MalformedRowError:
+        return MalformedRowError(self.path, self.row, field, message, self.line)
 
-    if isinstance(record, MalformedRowError):
-        raise record
-    if not isinstance(record, dict):
-        raise bad("<row>", f"must be an object with the DAPO schema, got {_describe(record)}")
 
+def _parse_messages(record: dict, bad: _Bad) -> Tuple[List[Dict[str, str]], int]:
+    """The ``{role, content}`` messages and the index of the last user message (the problem)."""
     if "prompt" not in record:
         raise bad("prompt", "is missing; expected a list of {role, content} messages")
     prompt = record["prompt"]
@@ -176,7 +124,16 @@ def parse_record(record: Any, *, path: str, row: int, line: Optional[int] = None
         raise bad(
             "prompt", "must contain a message with role 'user', found roles " + repr([m["role"] for m in messages])
         )
+    # a blank problem is refused here, by file and row: left in, it reached generation as a prompt
+    # of zero tokens (without the DAPO template and chat template) and stopped the run mid-training
+    if not messages[user[-1]]["content"].strip():
+        raise bad(f"prompt[{user[-1]}].content", "must not be empty: it is the problem the model answers, got "
+                  + _describe(messages[user[-1]]["content"]))  # fmt: skip
+    return messages, user[-1]
 
+
+def _parse_reward_fields(record: dict, bad: _Bad) -> Tuple[str, str]:
+    """``(ground_truth, data_source)`` of a row."""
     if "reward_model" not in record or record["reward_model"] is None:
         raise bad("reward_model", "is missing; expected {ground_truth: str, style: str}")
     reward_model = record["reward_model"]
@@ -185,88 +142,159 @@ def parse_record(record: Any, *, path: str, row: int, line: Optional[int] = None
     ground_truth = reward_model.get("ground_truth")
     if not isinstance(ground_truth, str):
         raise bad("reward_model.ground_truth", f"must be a string, got {_describe(ground_truth)}")
-
     data_source = record.get("data_source", "")
     if data_source is None:
         data_source = ""
     if not isinstance(data_source, str):
         raise bad("data_source", f"must be a string, got {_describe(data_source)}")
+    return ground_truth, data_source
 
-    last = user[-1]
+
+def _check_prompt_chars(messages: List[Dict[str, str]], max_prompt_len: int, origin: DataOrigin, bad: _Bad) -> None:
+    """Refuse a prompt that cannot fit in ``max_prompt_len`` tokens, by its length in characters."""
+    if max_prompt_len <= 0:
+        return
+    chars = sum(len(m["content"]) for m in messages)
+    bound = max_prompt_len * CHARS_PER_TOKEN_BOUND
+    if chars > bound:
+        key = origin.length_key or "max_prompt_len"
+        raise bad("prompt", f"has {chars} characters, more than the {bound} allowed by {key}={max_prompt_len} "
+                  f"({CHARS_PER_TOKEN_BOUND} characters per token at most; checked before tokenizing). "
+                  f"Raise {key} to allow longer prompts")  # fmt: skip
+
+
+def parse_record(
+    record: Any,
+    *,
+    path: str,
+    row: int,
+    line: Optional[int] = None,
+    template: str = "dapo",
+    max_prompt_len: int = 0,
+    origin: DataOrigin = TRAIN_ORIGIN,
+) -> PromptRow:
+    """Validate one raw record and build its :class:`PromptRow` (with ``index=-1``).
+
+    Raises :class:`MalformedRowError` naming the file, row and field on the first problem found
+    (without a fix: :func:`iter_prompt_records` adds the one its caller can apply).
+    ``max_prompt_len > 0`` also refuses a prompt of more than ``max_prompt_len *``
+    :data:`CHARS_PER_TOKEN_BOUND` characters.
+    """
+    bad = _Bad(path, row, line)
+    if isinstance(record, MalformedRowError):
+        raise record
+    if not isinstance(record, dict):
+        raise bad("<row>", f"must be an object with the DAPO schema, got {_describe(record)}")
+    messages, last = _parse_messages(record, bad)
+    ground_truth, data_source = _parse_reward_fields(record, bad)
     content = apply_template(messages[last]["content"], template)
     messages[last] = {"role": "user", "content": content}
+    _check_prompt_chars(messages, max_prompt_len, origin, bad)
     return PromptRow(
         index=-1,
         messages=tuple(messages),
         ground_truth=ground_truth,
         data_source=data_source,
         problem_key=content,
+        source_path=path,
+        source_row=row,
+        source_line=line,
     )
 
 
+def _file_list(files: Sequence[str]) -> List[str]:
+    if isinstance(files, (str, bytes, os.PathLike)):
+        files = [os.fsdecode(files)]
+    return [os.fspath(f) for f in files]
+
+
 def iter_prompt_records(
-    files: Sequence[str], *, template: str = "dapo", skip_malformed: bool = False, stats: Optional[dict] = None
+    files: Sequence[str],
+    *,
+    template: str = "dapo",
+    skip_malformed: bool = False,
+    stats: Optional[dict] = None,
+    max_prompt_len: int = 0,
+    origin: DataOrigin = TRAIN_ORIGIN,
 ) -> Iterator[Tuple[PromptRow, Dict[str, Any]]]:
     """Yield ``(row, raw record)`` for every valid row of ``files`` in order (no dedup, ``index=-1``).
 
     ``stats`` (if given) gets ``rows_read`` and ``malformed_skipped`` incremented. Every file is
-    checked (exists, known type) before the first row is read.
+    checked (exists, known type, parquet footer readable) before the first row is read. A bad row
+    raises :class:`MalformedRowError` ending with the fix named by ``origin``, unless
+    ``skip_malformed``; a bad file always raises (see :mod:`dapo_megatron.data.readers`).
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; allowed values are {', '.join(map(repr, TEMPLATES))}")
-    if isinstance(files, (str, bytes, os.PathLike)):
-        files = [os.fsdecode(files)]
-    paths = [os.fspath(f) for f in files]
+    paths = _file_list(files)
     for p in paths:
-        _check_file(p)
+        check_file(p, origin)
     counts = stats if stats is not None else {}
     counts.setdefault("rows_read", 0)
     counts.setdefault("malformed_skipped", 0)
     for path in paths:
-        for row, line, record in iter_raw_records(path):
+        for row, line, record in iter_raw_records(path, origin):
             counts["rows_read"] += 1
             try:
-                parsed = parse_record(record, path=path, row=row, line=line, template=template)
-            except MalformedRowError:
+                parsed = parse_record(record, path=path, row=row, line=line, template=template,
+                                      max_prompt_len=max_prompt_len, origin=origin)  # fmt: skip
+            except MalformedRowError as exc:
                 if not skip_malformed:
-                    raise
+                    raise exc.with_fix(origin.row_fix()) from None
                 counts["malformed_skipped"] += 1
                 continue
             yield parsed, record
 
 
+def empty_dataset_error(paths: Sequence[str], stats: dict, origin: DataOrigin, why: str = "") -> EmptyDatasetError:
+    """The error for files that left no usable row, with the counts that say why."""
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items())
+    return EmptyDatasetError(
+        f"{origin.files_key}: no usable prompt rows in {', '.join(paths)} ({counts}){why}; "
+        f"give {origin.files_key} at least one valid row"
+    )
+
+
 def load_prompt_rows(
-    files: Sequence[str], *, dedup: bool = False, template: str = "dapo", skip_malformed: bool = False
+    files: Sequence[str],
+    *,
+    dedup: bool = False,
+    template: str = "dapo",
+    skip_malformed: bool = False,
+    max_prompt_len: int = 0,
+    origin: DataOrigin = TRAIN_ORIGIN,
 ) -> Tuple[List[PromptRow], dict]:
-    """Read and validate prompt rows from parquet / jsonl ``files``.
+    """Read and validate prompt rows from parquet / jsonl ``files``; never returns an empty list.
 
     Returns ``(rows, stats)`` with ``stats = {"rows_read", "malformed_skipped",
     "duplicates_dropped"}``. ``dedup`` keeps the first row of each ``problem_key`` (across all
-    files). ``rows[i].index == i``.
+    files). ``rows[i].index == i``. ``max_prompt_len`` bounds prompts by characters (see
+    :func:`parse_record`); ``origin`` names the settings quoted in errors.
 
-    Raises ``FileNotFoundError`` (missing file), ``ValueError`` (unknown extension or template) and
-    :class:`MalformedRowError` (a bad row, unless ``skip_malformed``).
+    Raises ``FileNotFoundError`` (missing file), ``ValueError`` (unknown template),
+    :class:`DataFileError` (unknown type, unreadable or empty file), :class:`MalformedRowError` (a
+    bad row, unless ``skip_malformed``) and :class:`EmptyDatasetError` (no row left).
     """
     stats: dict = {"rows_read": 0, "malformed_skipped": 0, "duplicates_dropped": 0}
     seen: set = set()
     rows: List[PromptRow] = []
-    for parsed, _ in iter_prompt_records(files, template=template, skip_malformed=skip_malformed, stats=stats):
+    records = iter_prompt_records(files, template=template, skip_malformed=skip_malformed, stats=stats,
+                                  max_prompt_len=max_prompt_len, origin=origin)  # fmt: skip
+    for parsed, _ in records:
         if dedup:
             if parsed.problem_key in seen:
                 stats["duplicates_dropped"] += 1
                 continue
             seen.add(parsed.problem_key)
         rows.append(replace(parsed, index=len(rows)))
+    if not rows:
+        raise empty_dataset_error(_file_list(files), stats, origin)
     return rows, stats
 
 
 # ---------------------------------------------------------------------------------------------
 # Dataset and tokenization
 # ---------------------------------------------------------------------------------------------
-
-
-class PromptTooLongError(ValueError):
-    """A tokenized prompt exceeds ``max_prompt_len``; the message names the row."""
 
 
 def _ids_of(encoded: Any) -> List[int]:
@@ -293,18 +321,27 @@ class PromptDataset:
     each prompt once.
     """
 
-    def __init__(self, rows: Sequence[PromptRow]):
+    def __init__(self, rows: Sequence[PromptRow], *, origin: DataOrigin = TRAIN_ORIGIN):
         self._rows: List[PromptRow] = [r if r.index == i else replace(r, index=i) for i, r in enumerate(rows)]
         self._cache: Dict[Tuple[int, bool], List[int]] = {}
         self._cache_tokenizer: Any = None
+        self.origin = origin  # names the settings quoted by tokenization errors
 
     @classmethod
     def from_files(
-        cls, files: Sequence[str], *, dedup: bool = False, template: str = "dapo", skip_malformed: bool = False
+        cls,
+        files: Sequence[str],
+        *,
+        dedup: bool = False,
+        template: str = "dapo",
+        skip_malformed: bool = False,
+        max_prompt_len: int = 0,
+        origin: DataOrigin = TRAIN_ORIGIN,
     ) -> Tuple[PromptDataset, dict]:
-        """:func:`load_prompt_rows` wrapped in a dataset; returns ``(dataset, stats)``."""
-        rows, stats = load_prompt_rows(files, dedup=dedup, template=template, skip_malformed=skip_malformed)
-        return cls(rows), stats
+        """:func:`load_prompt_rows` wrapped in a dataset (never empty); returns ``(dataset, stats)``."""
+        rows, stats = load_prompt_rows(files, dedup=dedup, template=template, skip_malformed=skip_malformed,
+                                       max_prompt_len=max_prompt_len, origin=origin)  # fmt: skip
+        return cls(rows, origin=origin), stats
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -340,36 +377,42 @@ class PromptDataset:
     def tokenize(
         self, i: int, tokenizer: Any, *, apply_chat_template: bool = True, max_prompt_len: int = 0
     ) -> List[int]:
-        """Prompt token ids of row ``i``.
+        """Prompt token ids of row ``i`` (never empty).
 
         With ``apply_chat_template`` the messages go through
         ``tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)``;
         without it the :meth:`prompt_text` is encoded with ``tokenizer.encode`` (which adds the
         tokenizer's default special tokens, e.g. a BOS). ``max_prompt_len > 0`` bounds the length:
-        a longer prompt raises :class:`PromptTooLongError` naming the row (use
-        :meth:`filter_too_long` first to drop such rows instead).
+        a longer prompt raises :class:`PromptTooLongError`, and one of no tokens
+        :class:`EmptyPromptError`, each naming the file, row and the setting that fixes it.
         """
         ids = self._encode(i, tokenizer, apply_chat_template)
+        row, origin = self._rows[i], self.origin
+        if not ids:
+            raise EmptyPromptError(f"{row.where()}: prompt has no tokens after tokenization (generation needs at "
+                                   f"least one); {origin.row_fix('such rows')}")  # fmt: skip
         if max_prompt_len > 0 and len(ids) > max_prompt_len:
-            row = self._rows[i]
-            raise PromptTooLongError(
-                f"prompt row {i} ({row.data_source or 'unknown source'}) has {len(ids)} tokens, more than "
-                f"max_prompt_len={max_prompt_len}; raise the limit or drop long rows with filter_too_long()"
-            )
+            key = origin.length_key or "max_prompt_len"
+            raise PromptTooLongError(f"{row.where()}: prompt has {len(ids)} tokens, more than {key}={max_prompt_len}; "
+                                     f"raise {key}, or {origin.row_fix('over-long rows')}")  # fmt: skip
         return list(ids)
 
     def filter_too_long(self, tokenizer: Any, max_len: int, *, apply_chat_template: bool = True) -> int:
         """Drop rows whose tokenized prompt is longer than ``max_len``; return how many were dropped.
 
-        The kept rows are re-indexed (``dataset[i].index == i`` still holds).
+        The kept rows are re-indexed (``dataset[i].index == i`` still holds). A non-empty dataset is
+        never emptied: when every row is too long, :class:`EmptyDatasetError` is raised and the
+        dataset is left as it was.
         """
         if max_len <= 0:
             raise ValueError(f"max_len must be > 0, got {max_len}")
-        keep: List[int] = []
-        for i in range(len(self._rows)):
-            if len(self._encode(i, tokenizer, apply_chat_template)) <= max_len:
-                keep.append(i)
+        keep = [i for i in range(len(self._rows)) if len(self._encode(i, tokenizer, apply_chat_template)) <= max_len]
         dropped = len(self._rows) - len(keep)
+        if self._rows and not keep:
+            key = self.origin.length_key or "max_prompt_len"
+            paths = sorted({r.source_path for r in self._rows if r.source_path})
+            raise empty_dataset_error(paths, {"rows_over_the_limit": dropped}, self.origin,
+                                      f": every prompt is longer than {key}={max_len} tokens; raise {key}")  # fmt: skip
         if dropped:
             old_cache = self._cache
             self._rows = [replace(self._rows[old], index=new) for new, old in enumerate(keep)]
