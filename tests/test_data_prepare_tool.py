@@ -66,7 +66,7 @@ def test_malformed_without_skip_fails_and_leaves_no_output(tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "clean.parquet"
     done = _run(str(src), "-o", str(out), cwd=tmp_path)
-    assert done.returncode == 1
+    assert done.returncode == 2  # the input was refused (1: writing failed)
     assert f"{src} row 3 (line 4): field 'reward_model' is missing" in done.stderr
     assert "--skip-malformed" in done.stderr
     assert not out.exists()
@@ -82,5 +82,58 @@ def test_template_dapo_and_missing_input(tmp_path):
     content = pq.read_table(str(out)).to_pylist()[0]["prompt"][0]["content"]
     assert content.startswith("Solve the following math problem step by step.") and "What is 2+2?" in content
     done = _run(str(tmp_path / "absent.parquet"), "-o", str(tmp_path / "x.parquet"), cwd=tmp_path)
-    assert done.returncode == 1 and "prompt file not found" in done.stderr and "absent.parquet" in done.stderr
+    assert done.returncode == 2 and "prompt file not found" in done.stderr and "absent.parquet" in done.stderr
     assert not (tmp_path / "x.parquet").exists()
+
+
+def _listing(folder):
+    return sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+
+
+def test_output_that_is_an_input_is_refused(tmp_path):
+    src = tmp_path / "dapo.parquet"
+    pq.write_table(pa.Table.from_pylist([_row(f"p{i}", str(i), i) for i in range(3)]), str(src))
+    other = tmp_path / "more.jsonl"
+    other.write_text(json.dumps(_row("q", "1", 0)) + "\n")
+    link = tmp_path / "link.parquet"
+    link.symlink_to(src)
+    before = src.read_bytes()
+    # the same file by another spelling, through a symlink, and as the second of several inputs
+    for out in (str(src), f"{tmp_path}/./dapo.parquet", str(link)):
+        for inputs in ([str(src)], [str(other), str(src)]):
+            done = _run(*inputs, "-o", out, "--dedup", cwd=tmp_path)
+            assert done.returncode == 2, (out, inputs, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert "is also an input" in done.stderr and "-o/--output" in done.stderr
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dapo.parquet", "link.parquet", "more.jsonl"]
+
+
+def test_empty_input_is_refused_and_writes_nothing(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist([_row("p", "1", 0)]).slice(0, 0), str(empty))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    out = tmp_path / "out.parquet"
+    for args in ([str(empty)], [str(blank)], [str(bad), "--skip-malformed"]):
+        done = _run(*args, "-o", str(out), cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "no output written" in done.stderr and not out.exists()
+    assert "no data rows" in _run(str(empty), "-o", str(out), cwd=tmp_path).stderr
+    assert "no usable prompt rows" in _run(str(bad), "-o", str(out), "--skip-malformed", cwd=tmp_path).stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "blank.jsonl", "empty.parquet"]
+
+
+def test_unreadable_input_is_one_line_naming_file_and_flag(tmp_path):
+    src = tmp_path / "t.jsonl"
+    src.write_bytes(json.dumps(_row("a", "1", 0)).encode() + b"\n" + b'{"prompt": "\xff"}\n')
+    out = tmp_path / "out.parquet"
+    done = _run(str(src), "-o", str(out), cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"{src} row 1 (line 2)" in done.stderr and "--skip-malformed" in done.stderr
+    assert "data.skip_malformed" not in done.stderr  # the tool's own flag, not the trainer's key
+    done = _run(str(src), "-o", str(out), "--skip-malformed", cwd=tmp_path)
+    assert done.returncode == 0 and "rows out 1" in done.stdout and "malformed skipped 1" in done.stdout

@@ -9,8 +9,11 @@ Inputs are local parquet or jsonl files in the DAPO schema (``data_source``, ``p
 nothing is downloaded. Every row is validated with the trainer's own loader
 (:mod:`dapo_megatron.data.dataset`), so a file this tool accepts is one training accepts.
 
-* A malformed row stops the tool with a message naming the file, row and field (exit status 1),
-  unless ``--skip-malformed`` is given, in which case it is counted and left out.
+* A malformed row stops the tool with a message naming the file, row and field, unless
+  ``--skip-malformed`` is given, in which case it is counted and left out. A file that cannot be
+  read as a whole (corrupt or truncated parquet, no data rows) always stops it.
+* The output may not be one of the inputs (compared after resolving links), and a run that would
+  write no row at all is refused: neither replaces a file with an empty or different one.
 * ``--dedup`` keeps the first row of each distinct problem (the released DAPO-Math-17k repeats each
   of its ~17k prompts about 100 times). Do not dedup AIME-2024: its 32 copies per problem are
   what makes the mean accuracy avg@32.
@@ -21,7 +24,8 @@ The output has the same schema. ``ability`` and ``reward_model.style`` are copie
 strings (else ``""`` and ``"rule"``); ``extra_info.index`` is copied when it is an integer, else it
 is the row's position in the output. The output is written to a temporary file next to it and
 renamed into place only when complete, so a failure never leaves a partial or stale-looking output.
-A single summary line goes to stdout.
+A single summary line goes to stdout. Exit status: 0 written; 2 the input or arguments were refused
+(one line on stderr naming the file, row and flag); 1 writing failed.
 """
 
 from __future__ import annotations
@@ -36,7 +40,16 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dapo_megatron.data.dataset import MalformedRowError, PromptRow, iter_prompt_records  # noqa: E402
+from dapo_megatron.data.dataset import PromptRow, empty_dataset_error, iter_prompt_records  # noqa: E402
+from dapo_megatron.data.errors import DataError, DataOrigin  # noqa: E402
+
+# errors quote this tool's inputs and flag, not the trainer's config keys
+TOOL_ORIGIN = DataOrigin(files_key="the input files", skip_setting="pass --skip-malformed", length_key=None)
+
+
+class Refused(Exception):
+    """The arguments cannot be honoured without losing data; nothing was written."""
+
 
 _WRITE_ROWS = 8192
 
@@ -72,11 +85,57 @@ def _out_record(row: PromptRow, raw: Dict[str, Any], position: int) -> Dict[str,
     }
 
 
-def prepare(inputs: List[str], output: str, *, dedup: bool, skip_malformed: bool, template: str) -> dict:
-    """Write the clean parquet; return the counts. Raises on bad input, leaving no output behind."""
+def same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: equal after resolving links, ``.``/``..`` and
+    relative parts, or (both existing) the same inode, which also catches hard links."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist: they cannot be the same file
+        return False
+
+
+def check_output(inputs: List[str], output: str) -> None:
+    """Refuse an output that would replace one of the inputs, or that is a folder."""
+    for path in inputs:
+        if same_file(path, output):
+            raise Refused(f"-o/--output {output} is also an input ({path}); writing it would replace "
+                          "the input: give another output path")  # fmt: skip
+    if os.path.isdir(output):
+        raise Refused(f"-o/--output {output} is a folder; give a .parquet file path")
+
+
+def _write_rows(writer: Any, schema: Any, records: Any, stats: dict, dedup: bool) -> None:
+    """Stream validated rows into ``writer`` in chunks of ``_WRITE_ROWS`` (dedup by problem key)."""
     import pyarrow as pa
+
+    seen: set = set()
+    pending: List[Dict[str, Any]] = []
+    for row, raw in records:
+        if dedup:
+            if row.problem_key in seen:
+                stats["duplicates_dropped"] += 1
+                continue
+            seen.add(row.problem_key)
+        pending.append(_out_record(row, raw, stats["rows_written"]))
+        stats["rows_written"] += 1
+        if len(pending) >= _WRITE_ROWS:
+            writer.write_table(pa.Table.from_pylist(pending, schema=schema))
+            pending = []
+    if pending:
+        writer.write_table(pa.Table.from_pylist(pending, schema=schema))
+
+
+def prepare(inputs: List[str], output: str, *, dedup: bool, skip_malformed: bool, template: str) -> dict:
+    """Write the clean parquet; return the counts. Raises on bad input, leaving no output behind.
+
+    Invariant: ``output`` is replaced only by a complete file with at least one row; on any error
+    (or interrupt) the temporary file is removed and ``output`` is as it was.
+    """
     import pyarrow.parquet as pq
 
+    check_output(inputs, output)
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"output folder does not exist: {out_dir}")
@@ -86,22 +145,12 @@ def prepare(inputs: List[str], output: str, *, dedup: bool, skip_malformed: bool
     writer: Optional[Any] = None
     try:
         writer = pq.ParquetWriter(tmp, schema)
-        seen: set = set()
-        pending: List[Dict[str, Any]] = []
-        records = iter_prompt_records(inputs, template=template, skip_malformed=skip_malformed, stats=stats)
-        for row, raw in records:
-            if dedup:
-                if row.problem_key in seen:
-                    stats["duplicates_dropped"] += 1
-                    continue
-                seen.add(row.problem_key)
-            pending.append(_out_record(row, raw, stats["rows_written"]))
-            stats["rows_written"] += 1
-            if len(pending) >= _WRITE_ROWS:
-                writer.write_table(pa.Table.from_pylist(pending, schema=schema))
-                pending = []
-        if pending:
-            writer.write_table(pa.Table.from_pylist(pending, schema=schema))
+        records = iter_prompt_records(inputs, template=template, skip_malformed=skip_malformed, stats=stats,
+                                      origin=TOOL_ORIGIN)  # fmt: skip
+        _write_rows(writer, schema, records, stats, dedup)
+        if stats["rows_written"] == 0:  # a 0-row file would pass for a prepared dataset
+            counts = {k: v for k, v in stats.items() if k != "rows_written"}
+            raise empty_dataset_error(inputs, counts, TOOL_ORIGIN)
         writer.close()
         writer = None
         os.replace(tmp, output)
@@ -113,6 +162,10 @@ def prepare(inputs: List[str], output: str, *, dedup: bool, skip_malformed: bool
             os.remove(tmp)
         raise
     return stats
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -137,9 +190,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         stats = prepare(
             args.inputs, args.output, dedup=args.dedup, skip_malformed=args.skip_malformed, template=args.template
         )
-    except (MalformedRowError, FileNotFoundError, ValueError, OSError) as exc:
-        hint = " (use --skip-malformed to drop such rows)" if isinstance(exc, MalformedRowError) else ""
-        print(f"prepare_dapo_data: error: {exc}{hint}; no output written", file=sys.stderr)
+    except (Refused, DataError, FileNotFoundError, ValueError) as exc:  # the input: the user can fix it
+        print(f"prepare_dapo_data: error: {_one_line(exc)}; no output written", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing failed (disk full, permissions)
+        print(f"prepare_dapo_data: error: {_one_line(exc)}; no output written", file=sys.stderr)
         return 1
     print(
         f"prepare_dapo_data: rows in {stats['rows_read']}, rows out {stats['rows_written']}, "
