@@ -75,3 +75,12 @@ def test_load_state_rejects_mismatch():
         s.load_state_dict({"epoch": 0, "position": 10})
     with pytest.raises(ValueError, match="at least one item"):
         ResumableSampler(0, seed=1)
+
+
+def test_empty_dataset_and_changed_dataset_name_the_config_keys():
+    # the loader refuses an empty dataset first (naming the files); this guard says where to look
+    with pytest.raises(ValueError, match=r"num_items=0.*data\.train_files"):
+        ResumableSampler(0, seed=1)
+    saved = ResumableSampler(12, seed=1).state_dict()
+    with pytest.raises(ValueError, match=r"num_items=12 .*num_items=10.*data\.train_files"):
+        ResumableSampler(10, seed=1).load_state_dict(saved)

@@ -13,6 +13,14 @@ from __future__ import annotations
 import random
 from typing import List
 
+# what changes each saved field, so a refused resume says which setting to restore
+_CHANGED_HINT = {
+    "num_items": "The prompt dataset changed since the checkpoint (data.train_files, data.dedup, data.skip_malformed "
+    "or rollout.max_prompt_len): resume with the same data, or train into a new run.dir",
+    "seed": "Resume with the checkpoint's data.seed, or train into a new run.dir",
+    "shuffle": "Resume with the checkpoint's data.shuffle, or train into a new run.dir",
+}
+
 
 class ResumableSampler:
     """Draws prompt indices across epoch boundaries, resumable from :meth:`state_dict`.
@@ -24,7 +32,9 @@ class ResumableSampler:
 
     def __init__(self, num_items: int, *, seed: int, shuffle: bool = True):
         if num_items < 1:
-            raise ValueError(f"ResumableSampler needs at least one item, got num_items={num_items}")
+            # the loader refuses an empty dataset first, naming its files; reaching this is a caller bug
+            raise ValueError(f"ResumableSampler needs at least one item, got num_items={num_items}: the prompt "
+                             "dataset is empty (check data.train_files)")  # fmt: skip
         self.num_items = int(num_items)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
@@ -72,7 +82,8 @@ class ResumableSampler:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state was saved with {key}={state[key]!r} but this sampler has "
-                    f"{key}={getattr(self, key)!r}; the sequence would not continue identically"
+                    f"{key}={getattr(self, key)!r}; the sequence would not continue identically. "
+                    f"{_CHANGED_HINT[key]}"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.num_items:
