@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -97,16 +98,18 @@ def test_output_that_is_an_input_is_refused(tmp_path):
     other.write_text(json.dumps(_row("q", "1", 0)) + "\n")
     link = tmp_path / "link.parquet"
     link.symlink_to(src)
+    hard = tmp_path / "hard.parquet"
+    os.link(src, hard)
     before = src.read_bytes()
-    # the same file by another spelling, through a symlink, and as the second of several inputs
-    for out in (str(src), f"{tmp_path}/./dapo.parquet", str(link)):
+    # the same file by another spelling, through a symlink or a hard link, and as the second of several inputs
+    for out in (str(src), f"{tmp_path}/./dapo.parquet", str(link), str(hard)):
         for inputs in ([str(src)], [str(other), str(src)]):
             done = _run(*inputs, "-o", out, "--dedup", cwd=tmp_path)
             assert done.returncode == 2, (out, inputs, done.stderr)
             assert len(done.stderr.strip().splitlines()) == 1, done.stderr
             assert "is also an input" in done.stderr and "-o/--output" in done.stderr
     assert src.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dapo.parquet", "link.parquet", "more.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dapo.parquet", "hard.parquet", "link.parquet", "more.jsonl"]
 
 
 def test_empty_input_is_refused_and_writes_nothing(tmp_path):
