@@ -295,3 +295,25 @@ def test_export_of_a_broken_checkpoint_is_one_named_line(saved, tmp_path, damage
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert str(folder) in lines[-1] and bad.name in lines[-1] and not (tmp_path / "out").exists()
+
+
+def test_resume_skips_a_truncated_newest_checkpoint_and_says_so(tmp_path):
+    """``train`` resuming a run whose newest checkpoint lost bytes: resumes from the one before."""
+    from dapo_megatron.observability.sinks import read_metrics
+    from tests.cli_runs import TINY, cli_env, write_demo_assets
+
+    assets = write_demo_assets(tmp_path / "assets")
+    run = tmp_path / "run"
+    args = [*BIN, "train", "--config", TINY, f"run.dir={run}", "run.eval_every=0", "train.ppo_mini_batch_size=4"]
+    first = subprocess.run([*args, "train.total_steps=2"], env=cli_env(assets), capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    broken = run / "checkpoints" / "step_000002"
+    os.truncate(_largest_distcp(broken), 100)
+    again = subprocess.run([*args, "train.total_steps=3"], env=cli_env(assets), capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    skipped = [line for line in again.stderr.splitlines() if line.startswith("resume: skipping checkpoint")]
+    assert len(skipped) == 1 and str(broken) in skipped[0] and "expected" in skipped[0], again.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(str(run))] == [1, 2, 3]  # step 2 redone once, from step 1
+    assert (run / "checkpoints" / "latest").read_text() == "step_000003"
