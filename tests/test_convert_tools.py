@@ -74,6 +74,25 @@ def test_export_in_bfloat16_with_small_shards(models, tmp_path):
     assert all(torch.equal(got[n], t.bfloat16()) for n, t in src.items())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_default_flags_round_trip_is_bit_exact_in_the_source_dtype(tmp_path, dtype):
+    """No --dtype on either tool: the converter keeps the source's dtype (and says so), so the
+    export (which defaults to the source's dtype too) gives back the very same bits."""
+    hf, ckpt, out = (str(tmp_path / k) for k in ("hf", "ckpt", "export"))
+    make_tiny_hf_model(hf, "qwen2_gqa2_untied", layers=2, dtype=getattr(torch, dtype))
+    done = run_tool("convert_hf_to_megatron.py", "--hf-dir", hf, "--out", ckpt)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"dtype {dtype}" in done.stderr
+    assert json.loads((REPO / ckpt / "conversion.json").read_text())["dtype"] == dtype
+    done = run_tool("convert_megatron_to_hf.py", "--ckpt", ckpt, "--hf-dir", hf, "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    src, back = hf_state_dict(hf), hf_state_dict(out)
+    assert sorted(back) == sorted(src)
+    for name, t in src.items():
+        assert t.dtype == getattr(torch, dtype) and back[name].dtype == t.dtype, name
+        assert torch.equal(back[name], t), name
+
+
 def test_help_of_both_tools():
     for tool in ("convert_hf_to_megatron.py", "convert_megatron_to_hf.py"):
         done = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--help"], capture_output=True, text=True)

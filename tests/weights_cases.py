@@ -36,8 +36,10 @@ def tiny_hf_config(model_type: str, heads: int, kv_heads: int, tied: bool, vocab
     return cls(**kwargs, dtype="float32")
 
 
-def make_tiny_hf_model(folder: str, case: str, seed: int = 0, layers: int = 4) -> Dict[str, torch.Tensor]:
-    """Save a random tiny model of ``TINY_CASES[case]`` to ``folder``; return its state dict.
+def make_tiny_hf_model(
+    folder: str, case: str, seed: int = 0, layers: int = 4, dtype: torch.dtype = torch.float32
+) -> Dict[str, torch.Tensor]:
+    """Save a random tiny model of ``TINY_CASES[case]`` in ``dtype`` to ``folder``; return its state dict.
 
     Norm weights and biases are randomised too (the defaults are all ones/zeros, which would hide
     a swapped or dropped tensor).
@@ -53,7 +55,7 @@ def make_tiny_hf_model(folder: str, case: str, seed: int = 0, layers: int = 4) -
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     _write_tokenizer_files(folder)
     return {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Convert an HF model folder (Qwen2 / Qwen3 / Llama) into a megatron-core dist checkpoint.
 
-    python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B --out ckpt/qwen7b --dtype bfloat16
+    python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B --out ckpt/qwen7b   # keeps the source's dtype
     torchrun --nproc-per-node 8 tools/convert_hf_to_megatron.py ...   # or under srun: ranks split layers
 
 The output is a torch_dist checkpoint with megatron's *global* keys (see
 ``dapo_megatron/weights/dist_layout.py``), written as if saved at TP=1/PP=1, so any TP/PP/VPP layout
 loads it (dist_checkpointing reshards), plus ``conversion.json`` (source config, dtype, padded
 vocab). It holds model weights only: no optimizer, scheduler or step.
+
+dtype: by default the source's (the one floating dtype its safetensors hold, else config.json's
+``torch_dtype``), printed at start, so that converting and exporting with default flags gives back
+the source bit for bit (the exporter defaults to the source's dtype as well); ``--dtype`` casts.
 
 Order of work: every check happens before anything is written (files and headers readable, the
 architecture supported, every tensor present with the shape the config implies, no stray layer
@@ -57,7 +61,8 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="HF model folder (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output checkpoint folder (must not exist)")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the saved weights")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="dtype of the saved weights (default: the source's, so a round trip is exact)")  # fmt: skip
     p.add_argument(
         "--vocab-tp",
         type=int,
@@ -95,6 +100,21 @@ def load_and_validate(hf_dir: str) -> tuple[HFReader, Any]:
             f"{stray[:5]}{' ...' if len(stray) > 5 else ''}"
         )
     return reader, spec
+
+
+def source_dtype(reader: HFReader) -> tuple[str, str]:
+    """``(dtype name, where it came from)`` of the source: the single floating dtype of its tensors
+    (headers only), else config.json's ``torch_dtype`` / ``dtype`` when the files mix dtypes."""
+    names = {str(d).removeprefix("torch.") for d in {reader.dtype(n) for n in reader.names()} if d.is_floating_point}
+    if len(names) == 1 and next(iter(names)) in DTYPES:
+        return next(iter(names)), "the source's tensors"
+    declared = reader.config.get("torch_dtype") or reader.config.get("dtype")
+    if len(names) > 1 and declared in DTYPES:
+        return declared, f"config.json torch_dtype; the tensors mix {sorted(names)}"
+    raise ConversionError(
+        f"{reader.hf_dir}: cannot tell the source dtype (tensors: {sorted(names)}, config.json: {declared!r}); "
+        f"pass --dtype, one of {sorted(DTYPES)}"
+    )
 
 
 def padded_vocab(spec: Any, vocab_tp: int) -> int:
@@ -211,8 +231,11 @@ def _write_meta(folder: Path, spec: Any, config: dict, dtype: str, vocab_rows: i
     (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def convert(hf_dir: str, out: str, dtype: str = "bfloat16", *, vocab_tp: int = 1, progress: bool = True) -> None:
-    """Collective over the ranks of the launcher (or a private world of one): write ``out``."""
+def convert(hf_dir: str, out: str, dtype: str | None = None, *, vocab_tp: int = 1, progress: bool = True) -> str:
+    """Collective over the ranks of the launcher (or a private world of one): write ``out``.
+
+    ``dtype`` None keeps the source's (:func:`source_dtype`). Returns the dtype written.
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -222,6 +245,10 @@ def convert(hf_dir: str, out: str, dtype: str = "bfloat16", *, vocab_tp: int = 1
     if out_path.exists():
         raise ConversionError(f"{out}: output already exists; refusing to overwrite")
     reader, spec = load_and_validate(hf_dir)
+    why = "--dtype"
+    if dtype is None:
+        dtype, why = source_dtype(reader)
+    print(f"convert_hf_to_megatron: dtype {dtype} ({why})", file=sys.stderr)
     vocab_rows = padded_vocab(spec, vocab_tp)
     rank, world, created = _init_process_group()
     tmp = out_path.with_name(f"{out_path.name}.tmp-{_broadcast_str(secrets.token_hex(4))}")
@@ -251,6 +278,7 @@ def convert(hf_dir: str, out: str, dtype: str = "bfloat16", *, vocab_tp: int = 1
         reader.close()
         if created:
             dist.destroy_process_group()
+    return dtype
 
 
 def main(argv: List[str] | None = None) -> int:
