@@ -96,7 +96,11 @@ class TrainingSession:
         if self.rank0:
             self._build_driver()
         self.start_step = self._restore()
-        if self.rank0:  # after _restore: it may rewrite metrics.jsonl, which the logger appends to
+        if self.rank0:
+            # metrics.jsonl must agree with the restored step: lines after it are redone now. With no
+            # checkpoint (start_step 0) nothing is kept, since step 0's eval line is logged again.
+            _truncate_metrics(self.paths.metrics_path, self.start_step if self.start_step > 0 else -1)
+            # after truncating: the logger appends to metrics.jsonl
             from dapo_megatron.observability.sinks import MetricsLogger, wandb_settings
 
             wandb_cfg = wandb_settings(cfg.run) if cfg.run.wandb else None
@@ -167,13 +171,16 @@ class TrainingSession:
             self.sampler.load_state_dict(extra["sampler"])
             if self.rollout is not None:
                 self.rollout.load_state_dict(extra["rollout"])
-            _truncate_metrics(self.paths.metrics_path, step)
         return step
 
     def save(self, step: int) -> str:
-        """Collective: checkpoint ``step`` (actor + sampler + dynamic-sampling state), prune old ones."""
+        """Collective: checkpoint ``step`` (actor + sampler + dynamic-sampling state), prune old ones.
+
+        Invariant: a checkpoint never holds inf/nan weights. The actor already stops at the update that
+        made them; this second check also covers weights that arrived non-finite (e.g. from model.load)."""
         from dapo_megatron.megatron.checkpoint import save_checkpoint
 
+        self.actor.check_weights_finite(f"refusing to write the checkpoint of step {step}")
         extra = {}
         if self.rank0:
             extra = {"sampler": self.sampler.state_dict(), "rollout": self.rollout.state_dict() if self.rollout else {}}
@@ -245,7 +252,8 @@ def _prune_checkpoints(checkpoints_dir: str, *, keep: int) -> None:
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines of steps after ``step`` (logged before a crash, redone after resume); atomic."""
+    """Drop metric lines of steps after ``step`` (logged before a crash, redone after resume); atomic.
+    ``step=-1`` drops every line."""
     import json
 
     if not os.path.isfile(path):

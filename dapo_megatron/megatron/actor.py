@@ -12,7 +12,7 @@ Path of one update (architecture habit 3: loop -> ``train_step`` -> schedule -> 
       loss_func               token_logprobs_and_entropy -> policy_loss -> aggregate_loss
                               -> scale_loss (the one loss-scaling function)
     finalize_model_grads      DDP grad all-reduce over DP (x 1/dp), embedding/PP syncs
-    NaN/inf guard, optimizer.step(), scheduler.step()
+    NaN/inf guard, optimizer.step(), finite-weights check, scheduler.step()
 
 Shapes follow :mod:`dapo_megatron.types`: batch tensors ``[B, T]`` target-aligned; log-prob and
 entropy of position ``t`` come from the logits at ``t - 1``; position 0 and padding get 0.
@@ -48,6 +48,11 @@ _SUM_KEYS = (
     "loss", "pg_loss", "entropy_sum", "clip_high_sum", "clip_low_sum", "dual_clip_sum",
     "approx_kl_sum", "ratio_sum", "num_tokens",
 )  # fmt: skip
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights hold inf or nan. Raised on every rank at once (the verdict is all-reduced), by the
+    update that produced them or by the checkpoint save that would have written them."""
 
 
 def check_actor_support(topology: Any, model_cfg: ModelConfig) -> None:
@@ -319,10 +324,49 @@ class MegatronActor:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad.item() > 0)
 
+    def _local_weights_finite(self) -> bool:
+        """This rank's parameters are all finite: one fused max-|w| over them (a NaN propagates to it)."""
+        params = [p.detach() for chunk in self._ddp for p in chunk.parameters()]
+        if not params:
+            return True
+        peak = torch.stack([n.float() for n in torch._foreach_norm(params, float("inf"))]).max()
+        return bool(torch.isfinite(peak))
+
+    def check_weights_finite(self, what: str, advice: str = "") -> None:
+        """Collective: raise :class:`NonFiniteWeightsError` on every rank when any rank holds an inf/nan
+        weight. Reduced over the whole trainer world: TP/PP shards differ, and one bad shard poisons all."""
+        bad = torch.tensor([0.0 if self._local_weights_finite() else 1.0], device=self._device or torch.device("cpu"))
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            raise NonFiniteWeightsError(f"{what}: the weights hold inf or nan on at least one rank{advice}")
+
     def _zero_grads(self) -> None:
         for chunk in self._ddp:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+
+    def _step_and_check(self, lr: float) -> tuple:
+        """``optimizer.step()``, then the check that it left every weight finite on every rank.
+
+        Gradients are finite here, yet a huge lr (or lr * weight_decay) can overflow the weights; every
+        later forward would be nan and every checkpoint poisoned, so the run stops with the named error.
+        """
+        what = f"update {self.updates_applied + 1} (lr={lr:g})"
+        advice = (
+            f"; the update overflowed {self.params_dtype} although every gradient was finite: lower optim.lr "
+            "(or optim.weight_decay). The run stops here, before any checkpoint of these weights is saved"
+        )
+        try:
+            stepped, grad_norm, _ = self.optimizer.step()
+        except RuntimeError as e:
+            # torch's Adam refuses a step size that overflows float32, after its decoupled weight decay
+            # may already have written inf into the weights: the same failure, named. Checked locally,
+            # as another rank may not have raised (no collective on this path).
+            if self._local_weights_finite():
+                raise
+            raise NonFiniteWeightsError(f"{what}: the weights hold inf or nan on this rank{advice}") from e
+        self.check_weights_finite(what, advice)  # one fused norm per update, one all-reduce
+        return stepped, grad_norm
 
     def _guarded_step(self, loss_finite: bool) -> tuple:
         """Optimizer step unless the loss or any grad is non-finite. Returns ``(stepped, grad_norm, lr)``.
@@ -335,7 +379,7 @@ class MegatronActor:
         if self.params_dtype != torch.float16 and (not loss_finite or self._grads_nonfinite()):
             self._zero_grads()
             return False, float("nan"), lr
-        stepped, grad_norm, _ = self.optimizer.step()
+        stepped, grad_norm = self._step_and_check(lr)
         if stepped:
             if grad_norm is None:  # clip_grad == 0: megatron did not compute it
                 grad_norm = self.optimizer.get_grad_norm()
