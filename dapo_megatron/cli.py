@@ -21,6 +21,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from dapo_megatron.config import ConfigError
+from dapo_megatron.errors import report_input_errors
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -249,7 +250,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     handler: Callable[[argparse.Namespace], int] = COMMANDS[args.command][2]
     try:
-        return handler(args)
+        # Input errors (named where the input is read) end as one line and exit status 2.
+        return report_input_errors(f"dapo-megatron {args.command}", lambda: handler(args))
     except ConfigError as e:
         print(f"dapo-megatron: config error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,10 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
                 raw = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist") from None
+        except (IsADirectoryError, PermissionError) as e:
+            raise ConfigError(f"config file {path!r}: cannot be read ({e.strerror}); expected a YAML file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path!r}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):

@@ -15,6 +15,7 @@ LIGHT_MODULES = [
     "dapo_megatron.config",
     "dapo_megatron.config_io",
     "dapo_megatron.types",
+    "dapo_megatron.errors",
 ]
 
 # A fresh interpreter, so modules other tests imported cannot hide (or fake) a violation.

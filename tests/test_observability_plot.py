@@ -7,6 +7,7 @@ import sys
 import pytest
 from matplotlib.image import imread
 
+from dapo_megatron.errors import InputError
 from dapo_megatron.observability import metric_names as M
 from dapo_megatron.observability.plot import CHARTS, load_series, plot_run
 
@@ -78,7 +79,7 @@ def test_label_count_must_match(tmp_path):
     a = _write_run(tmp_path / "a", [M.REWARD_ACC])
     with pytest.raises(ValueError, match="one label per run"):
         plot_run([a], str(tmp_path / "p"), labels=["x", "y"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="nope: not found; expected a run folder"):
         plot_run([str(tmp_path / "nope")], str(tmp_path / "p"))
 
 

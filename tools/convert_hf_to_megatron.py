@@ -43,8 +43,9 @@ from typing import Any, Dict, List
 
 import torch
 
+from dapo_megatron.errors import InputError, report_input_errors
 from dapo_megatron.weights import mapping
-from dapo_megatron.weights.hf_io import HFCheckpointError, HFReader
+from dapo_megatron.weights.hf_io import HFReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMAT = "dapo_megatron/megatron-dist-checkpoint/v1"
@@ -53,7 +54,7 @@ META_FILE = "conversion.json"
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """The input cannot be converted; the message says which file / tensor / setting."""
 
 
@@ -282,14 +283,15 @@ def convert(hf_dir: str, out: str, dtype: str | None = None, *, vocab_tp: int = 
 
 
 def main(argv: List[str] | None = None) -> int:
+    """Convert as ``argv`` says; 0 on success, 2 with one line naming the input on bad input."""
     args = parse_args(argv)
-    try:
+
+    def run() -> int:
         convert(args.hf_dir, args.out, args.dtype, vocab_tp=args.vocab_tp, progress=not args.no_progress)
-    except (ConversionError, HFCheckpointError) as e:
-        print(f"convert_hf_to_megatron: error: {e}", file=sys.stderr)
-        return 2
-    print(f"convert_hf_to_megatron: wrote {args.out}", file=sys.stderr)
-    return 0
+        print(f"convert_hf_to_megatron: wrote {args.out}", file=sys.stderr)
+        return 0
+
+    return report_input_errors("convert_hf_to_megatron", run)
 
 
 if __name__ == "__main__":  # megatron's save starts helper processes with spawn: keep this guard

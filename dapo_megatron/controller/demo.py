@@ -149,9 +149,11 @@ def eval_hf_folder(cfg: Config, model_dir: str) -> Dict[str, float]:
     from dapo_megatron.controller.prompts import load_prompts
     from dapo_megatron.rewards import get_reward_fn
     from dapo_megatron.rollout.embedded import EmbeddedEngine
+    from dapo_megatron.weights.hf_io import HFReader
 
     if not cfg.data.eval_files:
         raise ValueError("data.eval_files is empty: give the evaluation parquet/jsonl files")
+    HFReader(model_dir).close()  # checks config.json and every safetensors header, naming the file
     tok = AutoTokenizer.from_pretrained(model_dir)
     data, ids = load_prompts(cfg.data.eval_files, tok, cfg)
     engine = EmbeddedEngine.from_pretrained(model_dir)

@@ -14,6 +14,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from dapo_megatron.errors import InputError
 from dapo_megatron.observability import metric_names as M
 from dapo_megatron.observability.sinks import read_metrics
 
@@ -46,7 +47,7 @@ def plot_run(run_dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[st
         raise ValueError("plot_run needs at least one run directory")
     labels = list(labels) if labels is not None else _default_labels(run_dirs)
     if len(labels) != len(run_dirs):
-        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs; give one label per run")
+        raise InputError(f"--labels: got {len(labels)} labels for {len(run_dirs)} runs; give one label per run")
     runs = [(label, load_series(path)) for label, path in zip(labels, run_dirs)]
     os.makedirs(out_dir, exist_ok=True)
     written = []

@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
+from dapo_megatron.errors import InputError
 from dapo_megatron.observability.metric_names import CONSOLE_KEYS
 
 METRICS_FILE = "metrics.jsonl"
@@ -96,12 +97,18 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
     """All records of a ``metrics.jsonl`` (or of ``<run_dir>/metrics.jsonl``), in file order.
 
     A torn last line (the process died mid-write) is ignored. A malformed line elsewhere means the
-    file is not ours or was edited: that raises ``ValueError`` naming the line.
+    file is not ours or was edited: that raises :class:`InputError` naming the line, as does a
+    missing or unreadable file.
     """
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILE)
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"{path}: not found; expected a run folder holding {METRICS_FILE}, or the file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); expected {METRICS_FILE} lines") from None
     records = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -111,7 +118,7 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
         except json.JSONDecodeError:
             if lineno == len(lines):  # no newline after it: the write was cut short
                 break
-            raise ValueError(f"{path}:{lineno}: not a JSON line: {line[:80]!r}") from None
+            raise InputError(f"{path}:{lineno}: not a JSON line: {line[:80]!r}") from None
     return records
 
 

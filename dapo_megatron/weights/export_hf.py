@@ -26,8 +26,9 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
+from dapo_megatron.errors import InputError, report_input_errors
 from dapo_megatron.weights import dist_layout, mapping
-from dapo_megatron.weights.hf_io import HFCheckpointError, read_hf_config, write_hf_folder
+from dapo_megatron.weights.hf_io import read_hf_config, write_hf_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = (
@@ -36,7 +37,7 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The checkpoint does not match the architecture, or an input is missing."""
 
 
@@ -210,11 +211,14 @@ def main(argv: List[str] | None = None) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export as the parsed ``args`` say; 0 on success, 2 with a one-line error on bad input."""
-    try:
-        export(args.ckpt, args.hf_dir, args.out, args.dtype, max_shard_bytes=args.max_shard_size,
-               progress=not args.no_progress)  # fmt: skip
-    except (ExportError, HFCheckpointError, FileExistsError) as e:
-        print(f"convert_megatron_to_hf: error: {e}", file=sys.stderr)
-        return 2
-    print(f"convert_megatron_to_hf: wrote {args.out}", file=sys.stderr)
-    return 0
+
+    def run() -> int:
+        try:
+            export(args.ckpt, args.hf_dir, args.out, args.dtype, max_shard_bytes=args.max_shard_size,
+                   progress=not args.no_progress)  # fmt: skip
+        except FileExistsError as e:  # the output folder exists: refused, never overwritten
+            raise InputError(str(e)) from None
+        print(f"convert_megatron_to_hf: wrote {args.out}", file=sys.stderr)
+        return 0
+
+    return report_input_errors("convert_megatron_to_hf", run)

@@ -25,6 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from dapo_megatron.errors import InputError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -36,7 +38,7 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(InputError):
     """An HF folder is missing a file or tensor, or a file is unreadable or inconsistent."""
 
 
@@ -49,6 +51,8 @@ def read_hf_config(hf_dir: Union[str, Path]) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise HFCheckpointError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise HFCheckpointError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON model config") from None
 
 
 def _weight_map(hf_dir: Path) -> Dict[str, str]:
