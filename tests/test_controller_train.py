@@ -1,10 +1,12 @@
 """The training loop end to end, through the real command line: megatron actor, embedded engine,
 weight sync, dynamic sampling, checkpoints, resume after SIGKILL, export and plot."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from safetensors.torch import load_file
 
 from dapo_megatron.observability import metric_names as M
 from dapo_megatron.observability.sinks import read_metrics
-from tests.cli_runs import BIN, TINY, cli_env, run_cli, write_demo_assets
+from tests.cli_runs import BIN, REPO, TINY, cli_env, run_cli, write_demo_assets
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +152,38 @@ def test_replay_past_the_dump_names_the_missing_step(assets, tmp_path):
                            f"run.replay_rollouts={rollouts}"],
                           env=cli_env(assets), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2 and "step_1.jsonl" in done.stderr and "run.replay_rollouts" in done.stderr
+
+
+# (phase, step) crash points, in order; each resume restarts from the last checkpoint, so the chain
+# is deterministic. Step 0's eval line before any checkpoint, a step's line logged but its checkpoint
+# not yet published, and a checkpoint saved right after an evaluation are all among them.
+CRASHES = [("log", 0), ("generate", 1), ("log", 1), ("train", 2), ("sync", 2), ("eval", 2), ("log", 2), ("save", 2)]
+
+
+def _run_killed_after(assets, phase, step, args, log):
+    """``dapo-megatron *args`` that SIGKILLs itself after ``phase`` of ``step`` (output into ``log``)."""
+    with open(log, "w") as out:  # a file: helpers outliving the kill would hold a pipe open
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "kill_at_phase.py"), phase, str(step), *args],
+                                env=cli_env(assets), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        proc.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # its helpers (checkpoint writer) go down with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"not killed after {phase} of step {step}:\n{log.read_text()[-3000:]}"
+
+
+def test_killed_at_every_phase_boundary_logs_each_step_once_and_matches_the_straight_run(tiny_run, assets, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--config", TINY, f"run.dir={run}", *TINY_RUN, "run.keep_checkpoints=3",
+            "run.dump_rollouts=true"]  # fmt: skip  # the config of tiny_run, the straight reference
+    for phase, step in CRASHES:
+        _run_killed_after(assets, phase, step, args, tmp_path / f"{phase}_{step}.log")
+    run_cli(assets, *args)
+    records = read_metrics(str(run))
+    assert [r["step"] for r in records] == [0, 1, 2, 3]  # every step exactly once, in order
+    straight = read_metrics(str(tiny_run))
+    for key in ("reward/mean", "actor/grad_norm", M.EVAL_ACC):
+        assert [r.get(key) for r in records] == [r.get(key) for r in straight], key

@@ -30,6 +30,10 @@ def train(cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = No
     """Run DAPO from the last checkpoint (or the start) to ``train.total_steps``.
 
     ``run_lock``: the run folder's lock when the caller (``demo``) already holds it.
+
+    Crash safety of ``metrics.jsonl``: a step's line is written (and fsynced) before its checkpoint
+    is published, and a resume cuts the file back to the restored step (``TrainingSession``). So
+    after a crash anywhere in a step and a resume, every step has exactly one line, in order.
     Returns the metrics of the last step on rank 0 (``{}`` on other ranks, or when nothing ran).
     """
     last: Dict[str, float] = {}
@@ -50,11 +54,11 @@ def train(cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = No
                 stats.update(train_actor(s, batch))  # 6: mini-batch updates (TIS inside the loss)
             with timer("sync"):
                 stats.update(sync_engines(s, version=step))  # 7
-            if _due(step, cfg.run.save_every, cfg.train.total_steps):
-                s.save(step)  # 9
             if _due(step, cfg.run.eval_every, cfg.train.total_steps):
                 stats.update(run_eval(s))  # 10
-            last = log_step(s, step, {**stats, **timer.metrics()})  # 8 (written last so eval joins the line)
+            last = log_step(s, step, {**stats, **timer.metrics()})  # 8 (after eval, so eval joins the line)
+            if _due(step, cfg.run.save_every, cfg.train.total_steps):
+                s.save(step)  # 9: last, see train()'s docstring
     return last
 
 
