@@ -137,12 +137,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dapo_megatron.config_io import load_config
     from dapo_megatron.controller.loop import train
     from dapo_megatron.controller.run_dir import RunDirError
+    from dapo_megatron.parallel.init import RendezvousError
 
     _exit_on_sigterm()
     cfg = load_config(args.config, args.overrides)
     try:
         train(cfg)
-    except (*_INPUT_ERRORS, RunDirError) as e:
+    except (*_INPUT_ERRORS, RunDirError, RendezvousError) as e:
         return _input_error("train", e)
     return 0
 
@@ -164,6 +165,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dapo_megatron.config_io import load_config
     from dapo_megatron.controller.demo import run_demo, write_assets
     from dapo_megatron.controller.run_dir import RunDirError
+    from dapo_megatron.parallel.init import RendezvousError
 
     _exit_on_sigterm()
     if args.assets_only:  # configs made for `train` on the assets name them as ${DEMO_ASSETS}
@@ -174,7 +176,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(write_assets(cfg, args.assets_only).model_dir)
             return 0
         summary = run_demo(cfg)
-    except (*_INPUT_ERRORS, RunDirError) as e:
+    except (*_INPUT_ERRORS, RunDirError, RendezvousError) as e:
         return _input_error("demo", e)
     print("demo summary: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items()))
     return 0

@@ -2,7 +2,13 @@
 
 import pytest
 
-from dapo_megatron.parallel.init import DEFAULT_MASTER_PORT, DistEnv, dist_env_from_environ, first_host_of_nodelist
+from dapo_megatron.parallel.init import (
+    ANY_FREE_PORT,
+    DEFAULT_MASTER_PORT,
+    DistEnv,
+    dist_env_from_environ,
+    first_host_of_nodelist,
+)
 
 
 def test_torchrun_variables():
@@ -63,8 +69,8 @@ def test_malformed_nodelist(bad):
         first_host_of_nodelist(bad)
 
 
-def test_single_process_default():
-    assert dist_env_from_environ({}) == DistEnv(0, 1, 0, "127.0.0.1", DEFAULT_MASTER_PORT)
+def test_single_process_default_is_any_free_port():
+    assert dist_env_from_environ({}) == DistEnv(0, 1, 0, "127.0.0.1", ANY_FREE_PORT)
     assert dist_env_from_environ({"MASTER_PORT": "23456"}).master_port == 23456
 
 

@@ -9,6 +9,12 @@ Order of use on every trainer rank::
 
 The launcher is read from the environment once, by the pure :func:`dist_env_from_environ`:
 torchrun's variables win, then SLURM's (``srun``), else a single local process.
+
+``MASTER_PORT``: the TCP port of the rendezvous on ``MASTER_ADDR``. torchrun always sets it; under
+SLURM with several tasks it defaults to 29500 (every rank must know it in advance). A lone process
+(plain ``dapo-megatron train``, or one SLURM task) without ``MASTER_PORT`` takes any free port, so a
+second job on the same machine does not collide. A rendezvous that fails raises
+:class:`RendezvousError` naming ``MASTER_ADDR`` and ``MASTER_PORT``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -24,7 +30,9 @@ import torch
 from dapo_megatron.parallel.topology import Topology
 
 __all__ = [
+    "ANY_FREE_PORT",
     "DEFAULT_MASTER_PORT",
+    "RendezvousError",
     "DistEnv",
     "dist_env_from_environ",
     "first_host_of_nodelist",
@@ -34,8 +42,15 @@ __all__ = [
 ]
 
 DEFAULT_MASTER_PORT = 29500
+# master_port of a lone process whose launcher set no MASTER_PORT: init_distributed binds any free one.
+ANY_FREE_PORT = 0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
+
+
+class RendezvousError(RuntimeError):
+    """The process group could not form at MASTER_ADDR:MASTER_PORT (port taken, host unreachable,
+    ranks missing). The message names both and what to change."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +62,8 @@ class DistEnv:
         world_size: number of trainer processes.
         local_rank: rank on this node (selects the GPU).
         master_addr: host of the rendezvous (rank 0's node).
-        master_port: TCP port of the rendezvous.
+        master_port: TCP port of the rendezvous; :data:`ANY_FREE_PORT` (0) only for a lone
+            process (``world_size == 1``), which then binds a free port.
     """
 
     rank: int
@@ -63,8 +79,11 @@ class DistEnv:
             raise ValueError(f"DistEnv.rank={self.rank} is outside [0, world_size={self.world_size})")
         if self.local_rank < 0:
             raise ValueError(f"DistEnv.local_rank must be >= 0, got {self.local_rank}")
-        if not 0 < self.master_port < 65536:
-            raise ValueError(f"DistEnv.master_port={self.master_port} is not a TCP port")
+        lone_any = self.master_port == ANY_FREE_PORT and self.world_size == 1
+        if not (0 < self.master_port < 65536 or lone_any):
+            raise ValueError(
+                f"DistEnv.master_port={self.master_port} is not a TCP port (0, any free port, only for one process)"
+            )
         if not self.master_addr:
             raise ValueError("DistEnv.master_addr is empty")
 
@@ -74,6 +93,10 @@ def _int_var(environ: Mapping[str, str], name: str) -> int:
         return int(environ[name])
     except ValueError:
         raise ValueError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+
+
+def _port_var(environ: Mapping[str, str], default: int) -> int:
+    return _int_var(environ, "MASTER_PORT") if environ.get("MASTER_PORT", "").strip() else default
 
 
 def first_host_of_nodelist(nodelist: str) -> str:
@@ -123,8 +146,8 @@ def dist_env_from_environ(environ: Mapping[str, str]) -> DistEnv:
       five; ``LOCAL_RANK`` defaults to ``RANK`` when absent).
     - SLURM: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, and the first host of
       ``SLURM_JOB_NODELIST`` as the rendezvous; ``MASTER_ADDR`` / ``MASTER_PORT`` override when
-      set, and the port defaults to :data:`DEFAULT_MASTER_PORT`.
-    - Neither: one process, rank 0 of 1 on ``127.0.0.1`` (``MASTER_PORT`` or the default port).
+      set, and the port defaults to :data:`DEFAULT_MASTER_PORT` (:data:`ANY_FREE_PORT` for one task).
+    - Neither: one process, rank 0 of 1 on ``127.0.0.1`` (``MASTER_PORT`` or :data:`ANY_FREE_PORT`).
 
     Raises ``ValueError`` naming the missing variables when only part of a launcher's set is there.
     """
@@ -156,7 +179,8 @@ def dist_env_from_environ(environ: Mapping[str, str]) -> DistEnv:
                 "(run the trainer under srun, or use torchrun)"
             )
         addr = environ.get("MASTER_ADDR") or first_host_of_nodelist(environ["SLURM_JOB_NODELIST"])
-        port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else DEFAULT_MASTER_PORT
+        lone = environ["SLURM_NTASKS"].strip() == "1"
+        port = _port_var(environ, ANY_FREE_PORT if lone else DEFAULT_MASTER_PORT)
         return DistEnv(
             rank=_int_var(environ, "SLURM_PROCID"),
             world_size=_int_var(environ, "SLURM_NTASKS"),
@@ -165,8 +189,8 @@ def dist_env_from_environ(environ: Mapping[str, str]) -> DistEnv:
             master_port=port,
         )
 
-    port = _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else DEFAULT_MASTER_PORT
-    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=port)
+    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
+                   master_port=_port_var(environ, ANY_FREE_PORT))  # fmt: skip
 
 
 def init_distributed(env: DistEnv | None = None, *, backend: str | None = None, timeout_s: float = 600) -> DistEnv:
@@ -195,12 +219,33 @@ def init_distributed(env: DistEnv | None = None, *, backend: str | None = None, 
         from dapo_megatron.parallel.cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
+    try:
+        return _rendezvous(env, backend, timedelta(seconds=timeout_s))
+    except dist.DistError as e:  # DistNetworkError (port taken), DistStoreError (rank 0 unreachable)
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RendezvousError(
+            f"rendezvous failed at MASTER_ADDR={env.master_addr} MASTER_PORT={env.master_port} "
+            f"(rank {env.rank} of {env.world_size}): {first_line}. Set MASTER_PORT to a port that is free on "
+            "MASTER_ADDR (the same on every rank), or leave it unset for a single process (any free port)"
+        ) from e
+
+
+def _rendezvous(env: DistEnv, backend: str, timeout: timedelta) -> DistEnv:
+    """The default process group; returns ``env`` with the port actually used."""
+    import torch.distributed as dist
+
+    if env.master_port == ANY_FREE_PORT:
+        # Bind port 0 in the store itself: the kernel picks a free port with no window for another
+        # process to take it between choosing and listening.
+        store = dist.TCPStore(env.master_addr, 0, 1, True, timeout=timeout)
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+        return replace(env, master_port=store.port)
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{_url_host(env.master_addr)}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     return env
 
