@@ -6,7 +6,8 @@
    cross-entropy on ``Answer: <n><eos>``), saved as a checkpoint.
 3. DAPO: the real training loop from that checkpoint with the embedded engine; it evaluates on the
    held-out set before the first step and at the end (``run.eval_every``).
-4. Export: the final checkpoint to an HF folder, evaluated again through a fresh engine.
+4. Export: the final checkpoint to ``<run.dir>/export/step_<N>`` (N its step, written atomically),
+   evaluated again through a fresh engine: always the model ``acc_after_rl`` measured.
 
 The printed summary has held-out accuracy after the warm-up (before RL), after RL, and of the
 exported model.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Tuple
@@ -128,17 +130,39 @@ def sft_warmup(cfg: Config, out: str, *, progress: bool = True) -> Dict[str, flo
 
 
 def export_checkpoint(cfg: Config, ckpt: str, out: str) -> None:
-    """Export ``ckpt`` to the HF folder ``out`` (float32, the demo's dtype); kept if it exists."""
+    """Export ``ckpt`` to the HF folder ``out`` (float32, the demo's dtype), atomically.
+
+    Invariant: ``out`` exists only complete. It is written as ``out.tmp-<pid>`` and renamed, so an
+    existing ``out`` is a finished export of the same checkpoint (the caller names ``out`` after the
+    checkpoint's step) and is kept. Call with the run folder locked: stale tmp folders of ``out``
+    left by a killed demo are deleted first, which is safe only while no other process writes here.
+    """
     import argparse
+    import shutil
 
     from dapo_megatron.weights.export_hf import run_export
 
     if os.path.isdir(out):
         return
-    args = argparse.Namespace(ckpt=ckpt, hf_dir=cfg.model.hf_path, out=out, dtype="float32",
+    parent, name = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    for entry in os.listdir(parent):
+        if entry.startswith(f"{name}.tmp-"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    tmp = os.path.join(parent, f"{name}.tmp-{os.getpid()}")
+    args = argparse.Namespace(ckpt=ckpt, hf_dir=cfg.model.hf_path, out=tmp, dtype="float32",
                               max_shard_size=5 * 1024**3, no_progress=True)  # fmt: skip
     if run_export(args) != 0:
         raise RuntimeError(f"export of {ckpt} to {out} failed (see the error above)")
+    os.replace(tmp, out)
+
+
+def _step_of(ckpt: str) -> int:
+    """The step in a checkpoint folder's name (``step_000040``, or its ``.old-*`` twin)."""
+    match = re.match(r"step_(\d+)", os.path.basename(ckpt))
+    if match is None:
+        raise RuntimeError(f"checkpoint folder {ckpt!r}: expected a name like step_000040")
+    return int(match.group(1))
 
 
 def eval_hf_folder(cfg: Config, model_dir: str) -> Dict[str, float]:
@@ -191,14 +215,29 @@ def _run_demo_locked(cfg: Config, root: str, lock: RunLock, *, console: bool, st
     rl_cfg = with_assets(cfg, assets, load=sft_ckpt)
     train(rl_cfg, console=console, run_lock=lock)
     evals = [r for r in read_metrics(os.path.join(root, "metrics.jsonl")) if "eval/acc" in r]
+    if not evals:
+        raise RuntimeError("the demo's DAPO phase logged no evaluation; set run.eval_every > 0")
     summary["demo/acc_before_rl"] = evals[0]["eval/acc"]
     summary["demo/acc_after_rl"] = evals[-1]["eval/acc"]
     final = latest_checkpoint(os.path.join(root, "checkpoints"))
     if final is None:
         raise RuntimeError("the demo's DAPO phase saved no checkpoint; set run.save_every > 0")
-    export_checkpoint(rl_cfg, final, os.path.join(root, "export"))
-    summary["demo/acc_exported"] = eval_hf_folder(rl_cfg, os.path.join(root, "export"))["eval/acc"]
+    step = _step_of(final)
+    if step != evals[-1]["step"]:  # acc_after_rl and acc_exported must describe the same weights
+        raise RuntimeError(f"the last evaluation is of step {evals[-1]['step']} but the newest checkpoint "
+                           f"{final!r} is of step {step}")  # fmt: skip
+    # One folder per exported step: a re-run with more steps exports (and scores) its own final model.
+    export_dir = os.path.join(root, "export", os.path.basename(final).split(".")[0])
+    export_checkpoint(rl_cfg, final, export_dir)
+    summary["demo/exported_step"] = float(step)
+    summary["demo/acc_exported"] = eval_hf_folder(rl_cfg, export_dir)["eval/acc"]
     summary["time/total_s"] = time.perf_counter() - start
-    with open(os.path.join(root, "demo_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    _write_json_atomically(os.path.join(root, "demo_summary.json"), summary)
     return summary
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
