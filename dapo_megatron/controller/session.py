@@ -111,11 +111,18 @@ class TrainingSession:
         from transformers import AutoTokenizer
 
         from dapo_megatron.data.sampler import ResumableSampler
+        from dapo_megatron.errors import InputError
         from dapo_megatron.rewards import get_reward_fn
         from dapo_megatron.rollout.generator import StreamingRollout
+        from dapo_megatron.weights.tokenizer_fit import tokenizer_problem
 
         cfg, r, a = self.cfg, self.cfg.rollout, self.cfg.algo
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        # Ids past the model's vocabulary could never be sampled: refuse before any data or engine.
+        source = f"model.hf_path={cfg.model.hf_path}"
+        problem = tokenizer_problem(len(self.tokenizer), self.spec.vocab_size, source=source)
+        if problem:
+            raise InputError(problem)
         if not cfg.data.train_files:
             raise ValueError("data.train_files is empty: give parquet/jsonl prompt files (DAPO-Math schema)")
         data, ids = load_prompts(cfg.data.train_files, self.tokenizer, cfg, dedup=cfg.data.dedup,

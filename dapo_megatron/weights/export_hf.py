@@ -174,6 +174,25 @@ def _verify(ckpt: str) -> None:
         raise ExportError(str(e)) from None
 
 
+def _check_tokenizer_fits(src: Path, spec: Any, ckpt: str) -> None:
+    """Refuse a ``--hf-dir`` tokenizer with more tokens than the model's vocabulary or the checkpoint's
+    embedding rows: the exported folder would pair ids with no embedding (before anything is written)."""
+    from megatron.core import dist_checkpointing
+
+    from dapo_megatron.weights.tokenizer_fit import tokenizer_problem, tokenizer_size
+
+    try:
+        tokens = tokenizer_size(str(src))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if tokens is None:  # no vocabulary file: nothing to pair (the folder ships no tokenizer)
+        return
+    rows = checkpoint_vocab_rows(dist_checkpointing.load_tensors_metadata(ckpt), spec)
+    problem = tokenizer_problem(tokens, spec.vocab_size, source=f"--hf-dir {src}", rows=rows)
+    if problem:
+        raise ExportError(problem)
+
+
 def export(ckpt: str, hf_dir: str, out: str, dtype: str | None = None, *, max_shard_bytes: int = 5 * 1024**3,
            progress: bool = True) -> None:  # fmt: skip
     """Write the HF folder ``out`` from ``ckpt`` using ``hf_dir``'s config and tokenizer."""
@@ -192,6 +211,7 @@ def export(ckpt: str, hf_dir: str, out: str, dtype: str | None = None, *, max_sh
     dtype = dtype or _source_dtype(config)
     created = _init_process_group()
     try:
+        _check_tokenizer_fits(src, spec, ckpt)
         write_hf_folder(
             out,
             iter_hf_tensors(ckpt, spec, DTYPES[dtype], progress),
