@@ -137,13 +137,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dapo_megatron.config_io import load_config
     from dapo_megatron.controller.loop import train
     from dapo_megatron.controller.run_dir import RunDirError
+    from dapo_megatron.controller.session import PeerStartError
     from dapo_megatron.parallel.init import RendezvousError
 
     _exit_on_sigterm()
     cfg = load_config(args.config, args.overrides)
     try:
         train(cfg)
-    except (*_INPUT_ERRORS, RunDirError, RendezvousError) as e:
+    except (*_INPUT_ERRORS, RunDirError, RendezvousError, PeerStartError) as e:
         return _input_error("train", e)
     return 0
 

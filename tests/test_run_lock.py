@@ -118,3 +118,31 @@ def test_second_train_into_a_live_run_folder_is_refused(tmp_path):
         first.wait()
     steps_logged = [r["step"] for r in read_metrics(str(run))]
     assert steps_logged == list(range(1, len(steps_logged) + 1))
+
+
+def test_every_rank_stops_at_once_when_rank0_refuses_the_folder(tmp_path):
+    """Two ranks (launched as srun does: plain processes, no agent that kills the survivors) into a
+    locked folder: rank 0 is refused, and rank 1 must stop at once saying why. Before, rank 1 died
+    in its next collective with gloo's "remote worker crashed" traceback (under NCCL it would wait
+    for the process-group timeout)."""
+    assets = write_demo_assets(tmp_path / "assets")
+    run = tmp_path / "run"
+    prepare_run_dir(str(run), resume=False)
+    holder, _ = _start_holder(run)
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(22000 + os.getpid() % 2000), "WORLD_SIZE": "2"}
+    args = [*BIN, "train", "--config", TINY, f"run.dir={run}", "parallel.tensor=2"]
+    try:
+        start = time.monotonic()
+        ranks = [subprocess.Popen(args, env={**cli_env(assets), **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in range(2)]  # fmt: skip
+        outs = [p.communicate(timeout=400) for p in ranks]
+        took = time.monotonic() - start
+    finally:
+        _kill(holder.pid)
+        holder.wait()
+    assert [p.returncode for p in ranks] == [2, 2], outs
+    assert f"pid {holder.pid}" in outs[0][1] and "Traceback" not in outs[0][1]  # rank 0's refusal, one line
+    assert "trainer rank 0 could not open the run" in outs[1][1] and f"pid {holder.pid}" in outs[1][1]
+    assert took < 300, f"the ranks took {took:.0f} s to stop"
+    print(f"2 ranks stopped {took:.1f} s after launch when rank 0 was refused")

@@ -30,9 +30,32 @@ from dapo_megatron.rollout.base import SamplingParams
 STEP_DIR = "step_{:06d}"
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+class PeerStartError(RuntimeError):
+    """Raised on trainer ranks other than 0 when rank 0 failed to open the run (its error inside)."""
+
+
+def _rank0_then_all(rank0: bool, open_rank0: Callable[[], None]) -> None:
+    """Run ``open_rank0`` on rank 0, then let every rank learn whether it worked.
+
+    Without this, a rank 0 that refuses a bad input (a locked folder, a malformed dataset, a
+    tokenizer too large) exits while the other ranks sit in their next collective until the
+    process-group timeout. Rank 0 re-raises its own error (so the CLI prints it as one line);
+    the others raise :class:`PeerStartError` quoting it.
+    """
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    error: List[Optional[str]] = [None]
+    failure: Optional[BaseException] = None
+    if rank0:
+        try:
+            open_rank0()
+        except Exception as e:  # noqa: BLE001 - re-raised below once every rank knows
+            failure, error[0] = e, f"{type(e).__name__}: {e}"
+    if multi:
+        dist.broadcast_object_list(error, src=0)
+    if failure is not None:
+        raise failure
+    if error[0] is not None:
+        raise PeerStartError(f"trainer rank 0 could not open the run, so this rank stops too: {error[0]}")
 
 
 def start_trainer(cfg: Config) -> tuple:
@@ -86,15 +109,10 @@ class TrainingSession:
 
     def _open(self, cfg: Config, console: bool) -> None:
         self.rank0 = self.env.rank == 0
-        if self.rank0:  # the lock first: a second run must neither read nor write this folder
-            self._lock = self._lock or lock_run_dir(cfg.run.dir)
-            self.paths = prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, config=cfg)
-        _barrier()
-        self.paths = RunPaths.under(cfg.run.dir)
         self.eval_data: Optional[tuple] = None
         self.rollout: Any = None
-        if self.rank0:
-            self._build_driver()
+        _rank0_then_all(self.rank0, lambda: self._open_driver(cfg))
+        self.paths = RunPaths.under(cfg.run.dir)
         self.start_step = self._restore()
         if self.rank0:
             # metrics.jsonl must agree with the restored step: lines after it are redone now. With no
@@ -107,6 +125,13 @@ class TrainingSession:
             self.logger = MetricsLogger(self.paths.root, console=console, wandb_cfg=wandb_cfg)
 
     # ------------------------------------------------------------------ rank-0 driver side
+    def _open_driver(self, cfg: Config) -> None:
+        """Rank 0: lock and prepare the run folder, then build the driver side."""
+        # the lock first: a second run must neither read nor write this folder
+        self._lock = self._lock or lock_run_dir(cfg.run.dir)
+        self.paths = prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, config=cfg)
+        self._build_driver()
+
     def _build_driver(self) -> None:
         from transformers import AutoTokenizer
 
