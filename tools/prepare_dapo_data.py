@@ -40,7 +40,12 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dapo_megatron.data.dataset import PromptRow, empty_dataset_error, iter_prompt_records  # noqa: E402
+from dapo_megatron.data.dataset import (  # noqa: E402
+    PromptRow,
+    empty_dataset_error,
+    first_of_each_problem,
+    iter_prompt_records,
+)
 from dapo_megatron.data.errors import DataError, DataOrigin  # noqa: E402
 
 # errors quote this tool's inputs and flag, not the trainer's config keys
@@ -110,14 +115,8 @@ def _write_rows(writer: Any, schema: Any, records: Any, stats: dict, dedup: bool
     """Stream validated rows into ``writer`` in chunks of ``_WRITE_ROWS`` (dedup by problem key)."""
     import pyarrow as pa
 
-    seen: set = set()
     pending: List[Dict[str, Any]] = []
-    for row, raw in records:
-        if dedup:
-            if row.problem_key in seen:
-                stats["duplicates_dropped"] += 1
-                continue
-            seen.add(row.problem_key)
+    for row, raw in first_of_each_problem(records, stats) if dedup else records:
         pending.append(_out_record(row, raw, stats["rows_written"]))
         stats["rows_written"] += 1
         if len(pending) >= _WRITE_ROWS:

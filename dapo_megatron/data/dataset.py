@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from dapo_megatron.data.errors import (
     TRAIN_ORIGIN,
@@ -255,6 +255,18 @@ def empty_dataset_error(paths: Sequence[str], stats: dict, origin: DataOrigin, w
     )
 
 
+def first_of_each_problem(records: Iterable[Tuple[PromptRow, Any]], stats: dict) -> Iterator[Tuple[PromptRow, Any]]:
+    """The ``(row, raw)`` pairs whose ``problem_key`` was not seen before; each dropped one adds 1 to
+    ``stats["duplicates_dropped"]``. Streams: memory grows with distinct keys, not rows."""
+    seen: set = set()
+    for row, raw in records:
+        if row.problem_key in seen:
+            stats["duplicates_dropped"] += 1
+            continue
+        seen.add(row.problem_key)
+        yield row, raw
+
+
 def load_prompt_rows(
     files: Sequence[str],
     *,
@@ -276,16 +288,10 @@ def load_prompt_rows(
     bad row, unless ``skip_malformed``) and :class:`EmptyDatasetError` (no row left).
     """
     stats: dict = {"rows_read": 0, "malformed_skipped": 0, "duplicates_dropped": 0}
-    seen: set = set()
     rows: List[PromptRow] = []
     records = iter_prompt_records(files, template=template, skip_malformed=skip_malformed, stats=stats,
                                   max_prompt_len=max_prompt_len, origin=origin)  # fmt: skip
-    for parsed, _ in records:
-        if dedup:
-            if parsed.problem_key in seen:
-                stats["duplicates_dropped"] += 1
-                continue
-            seen.add(parsed.problem_key)
+    for parsed, _ in first_of_each_problem(records, stats) if dedup else records:
         rows.append(replace(parsed, index=len(rows)))
     if not rows:
         raise empty_dataset_error(_file_list(files), stats, origin)
