@@ -3,7 +3,8 @@
     cfg = load_config("examples/demo.yaml", ["algo.clip_ratio_high=0.3", "rollout.temperature=0.8"])
 
 String values may name environment variables as ``${NAME}`` (cluster recipes point at
-``${MODELS}``, ``${DATA}``); an unset variable is an error naming the key.
+``${MODELS}``, ``${DATA}``); an unset variable is an :class:`UnsetEnvError` naming the variable, the
+key, the file (or override) and the ``export`` that fixes it.
 
 Every key is checked against the dataclass tree: an unknown key or a value of the wrong type raises
 :class:`ConfigError` naming the dotted key and the expected type. Range checks then run in each
@@ -42,9 +43,15 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping at the top level, got {type(raw).__name__}")
+    overrides = list(overrides)
     for item in overrides:
         _apply_override(raw, item)
-    return from_dict(Config, raw)
+    try:
+        return from_dict(Config, raw)
+    except UnsetEnvError as e:  # name where the ${NAME} was written: the file or an override
+        given = [o for o in overrides if o.partition("=")[0].strip() == e.key]
+        where = f"the override {given[-1]!r}" if given else (path or "the config")
+        raise UnsetEnvError(e.name, e.key, where) from None
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -122,14 +129,41 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
+# What each variable of the shipped configs should hold, for the remedy an unset one's error gives.
+# The cluster recipes (examples/dapo_qwen2.5_*.yaml) read MODELS, CKPT and DATA; no sbatch script sets
+# them (they are site paths): sbatch passes the submitting shell's environment to every node.
+ENV_HINTS = {
+    "MODELS": "<folder holding the HF model folders, e.g. its Qwen2.5-7B/>",
+    "CKPT": "<folder of the megatron checkpoints tools/convert_hf_to_megatron.py --out writes>",
+    "DATA": "<folder of the parquet files tools/prepare_dapo_data.py writes>",
+    "DEMO_ASSETS": "<folder written by `dapo-megatron demo --assets-only DIR`>",
+}
+CLUSTER_VARS = ("MODELS", "CKPT", "DATA")
+
+
+class UnsetEnvError(ConfigError):
+    """A config value names ``${NAME}`` and NAME is not set. The message names the variable, the
+    dotted key, where it was written (``source``: the config file or an override) and the remedy."""
+
+    def __init__(self, name: str, key: str, source: Optional[str] = None) -> None:
+        self.name, self.key, self.source = name, key, source
+        where = f" in {source}" if source else ""
+        remedy = f"export {name}={ENV_HINTS.get(name, '<value>')} before running"
+        if name in CLUSTER_VARS:
+            remedy += (
+                f" (no slurm/*.sbatch sets {name}: export it in the shell that calls sbatch, which hands its "
+                "environment to every node; slurm/common.sh lists MODELS, CKPT and DATA)"
+            )
+        super().__init__(f"{key}{where} uses ${{{name}}}, which is not set: {remedy}")
+
 
 def _expand_env(text: str, key: str) -> str:
-    """Replace each ``${NAME}`` with the environment's value; an unset NAME is an error."""
+    """Replace each ``${NAME}`` with the environment's value; an unset NAME is :class:`UnsetEnvError`."""
 
     def sub(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in os.environ:
-            raise ConfigError(f"{key}: environment variable {name} is not set (used as ${{{name}}} in {text!r})")
+            raise UnsetEnvError(name, key)
         return os.environ[name]
 
     return _ENV_REF.sub(sub, text)

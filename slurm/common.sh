@@ -13,6 +13,14 @@
 #                     node do not collide)
 #   OMP_NUM_THREADS   default: the CPUs per task (SLURM_CPUS_PER_TASK), else 1
 #   DAPO_VENV         a virtual environment to activate (default: use the exported PATH as it is)
+#
+# Folders the cluster recipes (examples/dapo_qwen2.5_*.yaml) read as ${MODELS}, ${CKPT} and ${DATA}.
+# No script sets them (they are site paths, with no sensible default); export them before sbatch:
+#   MODELS            folder holding the HF model folders (model.hf_path: ${MODELS}/Qwen2.5-7B)
+#   CKPT              folder of converted megatron checkpoints (model.load: ${CKPT}/qwen2.5-7b-mcore)
+#   DATA              folder of the prepared parquet files (data.train_files, data.eval_files)
+#   e.g. MODELS=<hf folder> CKPT=<ckpt folder> DATA=<data folder> sbatch slurm/multi_node_colocated.sbatch
+# An unset one stops the job at its first command (`dapo-megatron plan`), naming variable, key and file.
 
 : "${SLURM_JOB_ID:?common.sh runs inside a SLURM job (sbatch/salloc)}"
 

@@ -184,10 +184,40 @@ def test_env_references_expand_and_unset_ones_name_the_key(monkeypatch):
     cfg = load_config(None, ["model.hf_path=${DAPO_TEST_MODELS}/Qwen", "data.train_files=['${DAPO_TEST_MODELS}/a']"])
     assert cfg.model.hf_path == "/models/Qwen" and cfg.data.train_files == ("/models/a",)
     monkeypatch.delenv("DAPO_TEST_MODELS")
-    with pytest.raises(ConfigError, match=r"model.hf_path: environment variable DAPO_TEST_MODELS is not set"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.hf_path in the override 'model.hf_path=\$\{DAPO_TEST_MODELS\}/Qwen' "
+        r"uses \$\{DAPO_TEST_MODELS\}, which is not set: export DAPO_TEST_MODELS=<value>",
+    ):
         load_config(None, ["model.hf_path=${DAPO_TEST_MODELS}/Qwen"])
     with pytest.raises(ConfigError, match=r"override 'data.train_files=\[\$\{X\}\]': the value is not valid YAML"):
         load_config(None, ["data.train_files=[${X}]"])
+
+
+@pytest.mark.parametrize(
+    "recipe, unset, key",
+    [
+        ("dapo_qwen2.5_7b.yaml", "MODELS", "model.hf_path"),
+        ("dapo_qwen2.5_32b.yaml", "CKPT", "model.load"),
+        ("dapo_qwen2.5_7b.yaml", "DATA", "data.train_files"),
+    ],
+)
+def test_cli_plan_names_an_unset_recipe_variable_its_key_file_and_remedy(recipe, unset, key):
+    """`dapo-megatron plan` (the first command of every sbatch script) on a recipe whose ${VAR} is
+    unset: exit 2, one line, naming the variable, the key, the file and the export that fixes it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODELS", "CKPT", "DATA")}
+    env.update({name: f"/{name.lower()}" for name in ("MODELS", "CKPT", "DATA") if name != unset})
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    path = f"examples/{recipe}"
+    out = subprocess.run([sys.executable, "-m", "dapo_megatron", "plan", "--config", path],
+                         capture_output=True, text=True, cwd=str(REPO_ROOT), env=env, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    line = out.stderr.strip()
+    assert f"{key} in {path} uses ${{{unset}}}, which is not set: export {unset}=<folder" in line
+    assert f"no slurm/*.sbatch sets {unset}" in line and "slurm/common.sh" in line
+    assert f"${{{unset}}}" in (REPO_ROOT / "slurm" / "common.sh").read_text()  # the file the remedy points at
+    assert "Traceback" not in line
 
 
 @pytest.mark.parametrize("recipe", ["dapo_qwen2.5_7b.yaml", "dapo_qwen2.5_32b.yaml"])
