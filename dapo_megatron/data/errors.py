@@ -83,10 +83,11 @@ class MalformedRowError(DataError):
         text = f"{row_where(path, row, line)}: field '{field}' {message}" + (f"; {fix}" if fix else "")
         super().__init__(text, path=path, row=row, line=line)
         self.field, self.detail, self.fix = field, message, fix
+        self.row_index: int = row  # always known for a row error (``row`` is Optional on DataError)
 
     def with_fix(self, fix: str) -> MalformedRowError:
         """A copy of this error whose message ends with ``fix``."""
-        return MalformedRowError(self.path, self.row, self.field, self.detail, self.line, fix)
+        return MalformedRowError(self.path, self.row_index, self.field, self.detail, self.line, fix)
 
 
 class DataFileError(DataError):

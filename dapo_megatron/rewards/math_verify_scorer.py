@@ -262,19 +262,21 @@ class MathVerifyScorer:
     def _run(self, job: dict[str, Any]) -> Optional[dict[str, Any]]:
         """The worker's reply to ``job``, or None (timed out, no worker ready in time, or failed)."""
         deadline = time.monotonic() + self.timeout_s
-        worker: Optional[_Worker] = self._take()
+        taken = self._take()
+        worker: Optional[_Worker] = taken
         reply: Optional[dict[str, Any]] = None
         try:
-            if not worker.ready:
+            if not taken.ready:
                 cold = not self._warm  # the first import is paid once, outside the budget
-                worker = self._wait_for_ready(worker, time.monotonic() + self.startup_timeout_s if cold else deadline)
+                worker = self._wait_for_ready(taken, time.monotonic() + self.startup_timeout_s if cold else deadline)
                 if worker is None:
                     return None
                 self._warm = True
                 if cold:
                     deadline = time.monotonic() + self.timeout_s
-            worker.send(job)
-            reply = worker.read_message(max(0.0, deadline - time.monotonic()))
+            ready: _Worker = worker if worker is not None else taken
+            ready.send(job)
+            reply = ready.read_message(max(0.0, deadline - time.monotonic()))
         finally:
             if worker is not None and reply is not None:
                 self._give_back(worker)
