@@ -268,6 +268,11 @@ class RolloutConfig:
         server_start_timeout_s: how long the servers may take to load before the run fails.
         weight_check_max_gap: the first step's check that the trainer's weights reached the engines:
             the mean |trainer log-prob - engine log-prob| of the first batch must not exceed this.
+        offload_trainer: colocated mode only: while the engines hold the devices (from the weight
+            sync to the end of generation), the trainer's parameters, Adam state and gradients wait
+            in host memory (pinned on CUDA) and ``empty_cache`` returns their memory; they come back
+            before the old-log-prob pass. Costs host RAM (about params + optimizer state per rank)
+            and two PCIe copies per step; turn off only when trainer and engines fit together.
     """
 
     engine: str = "embedded"
@@ -295,6 +300,7 @@ class RolloutConfig:
     sglang_max_total_tokens: int = 0
     server_start_timeout_s: float = 900.0
     weight_check_max_gap: float = 0.05
+    offload_trainer: bool = True
 
     def __post_init__(self) -> None:
         _choice(self.engine, "rollout.engine", ("embedded", "sglang", "vllm"))

@@ -161,7 +161,12 @@ def test_colocated_and_separate_engine_plans():
     co = mp.plan_memory(TINY, mp.Layout(), work, gpu, rollout=mp.Rollout(kv_cache_tokens=1000), overhead=ovh)
     (cs,) = co.stages
     assert cs.engine_weights == 5320 * 2 and cs.kv_cache == 1000 * 32
-    assert cs.rollout_total == 5320 * 18 + 5320 * 2 + 32000 + 2 * ovh  # trainer state stays resident
+    # offload (the default): only the bf16 params (2 B each) meet the engine, during the weight push
+    assert cs.trainer_offloaded and cs.rollout_resident == 5320 * 2
+    assert cs.rollout_total == 5320 * 2 + 5320 * 2 + 32000 + 2 * ovh
+    kept = mp.plan_memory(TINY, mp.Layout(), work, gpu, rollout=mp.Rollout(kv_cache_tokens=1000, offload_trainer=False),
+                          overhead=ovh)  # fmt: skip
+    assert kept.stages[0].rollout_total == 5320 * 18 + 5320 * 2 + 32000 + 2 * ovh  # trainer state stays resident
     frac = mp.plan_memory(TINY, mp.Layout(), work, gpu, rollout=mp.Rollout(mem_fraction=0.5), overhead=ovh)
     assert frac.stages[0].kv_cache == 0.5 * gpu - 5320 * 2  # weights + pool = fraction x GPU memory
     sep = mp.plan_memory(

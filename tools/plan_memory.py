@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--colocated", action="store_true", help="the rollout engine shares the trainer's GPUs")
     eng.add_argument("--separate-engine", action="store_true", help="plan the rollout engine's own GPUs too")
     p.add_argument("--engine-tp", type=int, default=1, help="TP degree inside one engine")
+    p.add_argument("--no-offload", action="store_true",
+                   help="colocated: the trainer's state stays on the GPU while the engine runs "
+                   "(rollout.offload_trainer=false)")  # fmt: skip
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-tokens", type=int, help="KV pool size of one engine, in tokens")
     kv.add_argument("--mem-fraction", type=float, help="SGLang mem_fraction_static (default 0.7)")
@@ -94,8 +97,9 @@ def rollout_of(args: argparse.Namespace) -> Optional[mp.Rollout]:
     if args.kv_cache_tokens is None and fraction is None:
         fraction = 0.7
     return mp.Rollout(
-        colocated=args.colocated, engine_tp=args.engine_tp, kv_cache_tokens=args.kv_cache_tokens, mem_fraction=fraction
-    )
+        colocated=args.colocated, engine_tp=args.engine_tp, kv_cache_tokens=args.kv_cache_tokens,
+        mem_fraction=fraction, offload_trainer=not args.no_offload,
+    )  # fmt: skip
 
 
 def make_plan(args: argparse.Namespace) -> mp.MemoryPlan:
@@ -167,7 +171,8 @@ def table(plan: mp.MemoryPlan) -> List[str]:
         ("logits buffer", "logits"),
     ]
     if plan.rollout is not None and plan.rollout.colocated:
-        rows += [("engine weights (rollout)", "engine_weights"), ("KV cache (rollout)", "kv_cache")]
+        rows += [("engine weights (rollout)", "engine_weights"), ("KV cache (rollout)", "kv_cache"),
+                 ("trainer kept (rollout)", "rollout_resident")]  # fmt: skip
     rows += [("overhead (assumed)", "overhead"), ("= training phase", "train_total")]
     if plan.rollout is not None and plan.rollout.colocated:
         rows.append(("= rollout phase", "rollout_total"))

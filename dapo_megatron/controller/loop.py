@@ -7,6 +7,7 @@ rank 0 drives the engines and broadcasts the batch; every rank trains and joins 
 from __future__ import annotations
 
 import os
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -58,7 +59,7 @@ def train(cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = No
                 stats.update(run_eval(s))  # 10
             last = log_step(s, step, {**stats, **timer.metrics()})  # 8 (after eval, so eval joins the line)
             if _due(step, cfg.run.save_every, cfg.train.total_steps):
-                s.save(step)  # 9: last, see train()'s docstring
+                save_step(s, step)  # 9: last, see train()'s docstring
     return last
 
 
@@ -90,6 +91,10 @@ def collect_groups(s: TrainingSession, step: int) -> Tuple[Optional[List[Group]]
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise RuntimeError(f"rollout failed on trainer rank 0: {error[0]}")
+    if _offloads(s):  # every engine released its memory above, before the broadcast every rank waited in
+        start = time.perf_counter()
+        s.actor.reload()
+        stats["memory/trainer_reload_s"] = time.perf_counter() - start
     return groups, stats
 
 
@@ -170,16 +175,55 @@ def train_actor(s: TrainingSession, batch: TrainBatch) -> Dict[str, float]:
 
 def sync_engines(s: TrainingSession, *, version: int) -> Dict[str, float]:
     """Collective: resume colocated engine memory, push the actor's weights, stamp ``version``.
-    Nothing to do when replaying dumped rollouts (no engines; every rank knows it from the config)."""
+    Nothing to do when replaying dumped rollouts (no engines; every rank knows it from the config).
+
+    Colocated with ``rollout.offload_trainer``, the devices change hands here. Order: every rank
+    moves its Adam state and gradients to host memory, a barrier, rank 0 resumes the engines, the
+    push (it reads the parameters, so they are still on the device), then the parameters follow.
+    They all come back in :func:`collect_groups`, after the engines released their memory."""
     if s.cfg.run.replay_rollouts:
         return {}
+    offload, freed = _offloads(s), 0
+    if offload:
+        freed = s.actor.offload(("optimizer", "grads"))
+        if dist.is_initialized():
+            dist.barrier()  # no engine may take a device back before its trainer rank has left it
     if s.rank0 and s.cfg.rollout.mode == "colocated":
         for engine in s.engines:
             s.run(engine.resume_memory())
     out = push_weights(s.actor, s.engines if s.rank0 else [], version=version, run=s.run if s.rank0 else None)
+    if offload:
+        freed += s.actor.offload(("params",))
+        out["memory/trainer_offloaded_gib"] = freed / 2**30  # this rank's (rank 0's on the metrics line)
     if s.rank0:
         out["sync/weight_version"] = float(min(e.weight_version for e in s.engines))
     return out
+
+
+def _offloads(s: TrainingSession) -> bool:
+    """Whether the trainer's state leaves the devices while colocated engines hold them (the same on
+    every rank: config only)."""
+    r = s.cfg.rollout
+    return r.mode == "colocated" and r.offload_trainer and not s.cfg.run.replay_rollouts
+
+
+def save_step(s: TrainingSession, step: int) -> None:
+    """9: checkpoint ``step``. With the trainer offloaded, the colocated engines hand the devices back
+    first (a barrier after rank 0 released them) and the trainer reloads; after the save the engines
+    get them again through a full :func:`sync_engines` (a released engine has lost its weights),
+    unless the run ends here."""
+    if not _offloads(s):
+        s.save(step)
+        return
+    if s.rank0:
+        for engine in s.engines:
+            s.run(engine.release_memory())
+    if dist.is_initialized():
+        dist.barrier()
+    s.actor.reload()
+    s.save(step)
+    if step < s.cfg.train.total_steps:
+        sync_engines(s, version=step)
 
 
 def run_eval(s: TrainingSession) -> Dict[str, float]:

@@ -39,6 +39,7 @@ from dapo_megatron.algo.tis import tis_weights
 from dapo_megatron.config import AlgoConfig, ModelConfig, OptimConfig, TrainConfig
 from dapo_megatron.megatron.batching import MicroBatch, MiniBatchPlan, pad_microbatch, plan_minibatches
 from dapo_megatron.megatron.loss_scaling import CALCULATE_PER_TOKEN_LOSS, scale_loss
+from dapo_megatron.megatron.offload import StateOffloader, grad_tensors, model_tensors, optimizer_tensors
 from dapo_megatron.megatron.optim import build_optimizer
 from dapo_megatron.types import TrainBatch
 
@@ -132,6 +133,7 @@ class MegatronActor:
             updates_per_step=updates,
         )
         self._ps = ps
+        self._offloader = StateOffloader(self._device or torch.device("cpu"))  # colocated rollouts
         self.skipped_updates_total = 0
         self.updates_applied = 0  # optimizer steps taken (checkpoint.py: optimizer state exists iff > 0)
         self.rng_restored = False  # set by checkpoint.load_checkpoint
@@ -153,6 +155,41 @@ class MegatronActor:
     @property
     def scheduler(self) -> Any:
         return self._opt.scheduler
+
+    # ------------------------------------------------------------------ colocated memory
+    def offload(self, parts: tuple = ("optimizer", "grads", "params")) -> int:
+        """Move ``parts`` of this rank's state to host memory (:mod:`dapo_megatron.megatron.offload`),
+        then ``empty_cache``. Returns the device bytes freed by this call. Local (no collective).
+
+        The weight sync reads the parameters, so it runs between ``offload(("optimizer", "grads"))``
+        and ``offload(("params",))``: optimizer storages that *are* parameter storages (FP32Optimizer's
+        params, the distributed optimizer's fp32 shards) stay with the parameters. Gradients are
+        freed without a copy (every update zeroes them first); reload zero-fills them.
+        """
+        params, freed, off = model_tensors(self._ddp), 0, self._offloader
+        if "optimizer" in parts:
+            freed += off.offload(optimizer_tensors(self.optimizer), skip=params)
+        if "grads" in parts:
+            freed += off.offload(grad_tensors(self._ddp, self.optimizer), keep_contents=False, skip=params)
+        if "params" in parts:
+            freed += off.offload(params)
+        if self._device is not None:
+            torch.cuda.empty_cache()  # hand the freed blocks back to the driver, for the engines
+        return freed
+
+    def reload(self) -> int:
+        """Bring everything :meth:`offload` moved back onto the device, in place. Returns bytes."""
+        return self._offloader.reload()
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Device bytes currently held in host memory (0: all state on the device)."""
+        return self._offloader.held_bytes
+
+    def _require_on_device(self, what: str) -> None:
+        if self._offloader.held_bytes:
+            raise RuntimeError(f"MegatronActor.{what}: {self._offloader.held_bytes} bytes of trainer state are "
+                               "offloaded to host memory (colocated rollout); call reload() first")  # fmt: skip
 
     # ------------------------------------------------------------------ setup helpers
     def _configure_schedule(self, config: Any) -> None:
@@ -220,6 +257,7 @@ class MegatronActor:
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        self._require_on_device("forward/backward")
         mbs = plan.microbatches
         if self._fixed_shapes:
             rows, cols = max(mb.tokens.shape[0] for mb in mbs), max(mb.tokens.shape[1] for mb in mbs)
@@ -335,6 +373,7 @@ class MegatronActor:
     def check_weights_finite(self, what: str, advice: str = "") -> None:
         """Collective: raise :class:`NonFiniteWeightsError` on every rank when any rank holds an inf/nan
         weight. Reduced over the whole trainer world: TP/PP shards differ, and one bad shard poisons all."""
+        self._require_on_device("check_weights_finite")
         bad = torch.tensor([0.0 if self._local_weights_finite() else 1.0], device=self._device or torch.device("cpu"))
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:

@@ -21,9 +21,15 @@ What is assumed (megatron-core mixed precision, as ``dapo_megatron.megatron.acto
   case for activations. Only the first and the last stage are planned: a middle stage holds less
   than the first one (no embedding, fewer micro-batches in flight).
 * Colocated rollout: the engine releases its weights and KV cache while the trainer trains
-  (``release_memory_occupation``); the trainer keeps its parameters, gradients and optimizer state
-  on the GPU while the engine generates. So the peak is ``trainer state + max(training extras,
-  engine weights + KV cache)``, plus a flat per-process overhead.
+  (``release_memory_occupation``). With ``offload_trainer`` (``rollout.offload_trainer``, the
+  default) the trainer moves its optimizer state and gradients to host memory before the engine
+  resumes, and its parameters right after the weight push, which reads them
+  (``dapo_megatron.megatron.offload``). So the rollout phase peaks during the push at
+  ``params + engine weights + KV cache`` (generation itself holds only the engine), and the peak is
+  ``max(trainer state + training extras, params + engine weights + KV cache)``, plus a flat
+  per-process overhead. Without it the trainer state stays resident: ``trainer state +
+  max(training extras, engine weights + KV cache)``. The offload needs host RAM of about the
+  parameters + optimizer state of every trainer rank on the node (pinned), not modelled here.
 * Not modelled: allocator fragmentation, NCCL and CP ring buffers beyond the flat overhead,
   gradients of the layer being recomputed, MoE layers. Treat a small headroom as "does not fit".
 """
@@ -358,6 +364,7 @@ class Rollout:
     mem_fraction: Optional[float] = None
     kv_dtype: str = "bf16"
     weights_dtype: str = "bf16"
+    offload_trainer: bool = True  # colocated: the trainer's state waits in host memory (see the module doc)
 
     def __post_init__(self) -> None:
         _positive(self, "engine_tp")
@@ -413,6 +420,7 @@ class StagePlan:
     engine_weights: float = 0.0
     kv_cache: float = 0.0
     overhead: float = 0.0
+    trainer_offloaded: bool = False  # colocated with offload_trainer: only params meet the engine
 
     @property
     def state(self) -> float:
@@ -425,9 +433,15 @@ class StagePlan:
         return self.state + self.activations + self.logits + self.overhead
 
     @property
+    def rollout_resident(self) -> float:
+        """Trainer bytes on the GPU while a colocated engine holds it: the parameters (the weight push
+        reads them after the engine resumed) when offloaded, else the whole state."""
+        return self.params if self.trainer_offloaded else self.state
+
+    @property
     def rollout_total(self) -> float:
-        """Bytes in use while a colocated engine generates (the trainer state stays resident)."""
-        return self.state + self.engine_weights + self.kv_cache + self.overhead
+        """Bytes in use at the rollout phase's peak (the weight push into a resumed colocated engine)."""
+        return self.rollout_resident + self.engine_weights + self.kv_cache + self.overhead
 
     @property
     def peak(self) -> float:
@@ -498,7 +512,8 @@ def plan_memory(
     if rollout is not None:
         weights, kv = float(engine_weight_bytes(shape, rollout)), kv_cache_bytes(shape, rollout, gpu_mem)
         if rollout.colocated:
-            stages = [replace(s, engine_weights=weights, kv_cache=kv, overhead=2 * overhead) for s in stages]
+            stages = [replace(s, engine_weights=weights, kv_cache=kv, overhead=2 * overhead,
+                              trainer_offloaded=rollout.offload_trainer) for s in stages]  # fmt: skip
         else:
             engine_gpu = {"engine_weights": weights, "kv_cache": kv, "overhead": overhead}
     return MemoryPlan(shape, layout, work, float(gpu_mem), tuple(stages), rollout, engine_gpu)
