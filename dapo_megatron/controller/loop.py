@@ -191,7 +191,8 @@ def sync_engines(s: TrainingSession, *, version: int) -> Dict[str, float]:
     if s.rank0 and s.cfg.rollout.mode == "colocated":
         for engine in s.engines:
             s.run(engine.resume_memory())
-    out = push_weights(s.actor, s.engines if s.rank0 else [], version=version, run=s.run if s.rank0 else None)
+    out = push_weights(s.actor, s.engines if s.rank0 else [], version=version, run=s.run if s.rank0 else None,
+                       link=s.stage_link)  # fmt: skip
     if offload:
         freed += s.actor.offload(("params",))
         out["memory/trainer_offloaded_gib"] = freed / 2**30  # this rank's (rank 0's on the metrics line)

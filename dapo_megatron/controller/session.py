@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch.distributed as dist
 
 from dapo_megatron.config import Config
-from dapo_megatron.controller.engines import build_engines, connect_weight_transport, read_hf_config
+from dapo_megatron.controller.engines import build_engines, connect_weight_transport, read_hf_config, sglang_device
 from dapo_megatron.controller.prompts import SampledPrompts, load_prompts
 from dapo_megatron.controller.run_dir import RunLock, RunPaths, lock_run_dir, prepare_run_dir
 from dapo_megatron.rollout.base import SamplingParams
@@ -99,6 +99,7 @@ class TrainingSession:
         self.env, self.topology, self.spec, self.actor = start_trainer(cfg)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.engines: List[Any] = []
+        self.stage_link: Any = None  # this rank's line to the SGLang servers (per-stage weight sync)
         self.logger: Any = None
         self._lock, self._own_lock = run_lock, run_lock is None
         try:
@@ -112,6 +113,11 @@ class TrainingSession:
         self.eval_data: Optional[tuple] = None
         self.rollout: Any = None
         _rank0_then_all(self.rank0, lambda: self._open_driver(cfg))
+        if cfg.rollout.engine == "sglang" and not cfg.run.replay_rollouts:
+            from dapo_megatron.controller.stage_link import connect_stage_link
+
+            backend = "nccl" if sglang_device(cfg) == "cuda" else "gloo"  # rank 0's choice is the one used
+            self.stage_link = connect_stage_link(self.engines, backend=backend)
         self.paths = RunPaths.under(cfg.run.dir)
         self.start_step = self._restore()
         if self.rank0:
@@ -232,6 +238,9 @@ class TrainingSession:
     def close(self) -> None:
         from dapo_megatron.parallel.init import shutdown
 
+        if self.stage_link is not None:
+            self.stage_link.close()
+            self.stage_link = None
         if self.loop is not None:
             for engine in self.engines:
                 self.run(engine.shutdown())

@@ -98,6 +98,7 @@ class SGLangEngine:
         self._own_client = client is None
         self.timeout_s, self.engine_tp, self.bucket_bytes = timeout_s, engine_tp, bucket_bytes
         self.pause_mode, self.transport, self.owner = pause_mode, transport, owner
+        self.api_key = api_key  # shared with the stage leaders, which reach the workers themselves
         self.dead_workers: set = set()
         self._version = 0
         self._sender: Any = None
@@ -304,18 +305,22 @@ class SGLangEngine:
         finally:
             await self.resume()
 
-    async def load_bucket(self, bucket: NamedTensors, version: int) -> None:
-        """One bucket between :meth:`begin_weight_sync` and :meth:`finish_weight_sync`."""
+    async def load_bucket(self, bucket: NamedTensors, version: Optional[int]) -> None:
+        """One bucket between :meth:`begin_weight_sync` and :meth:`finish_weight_sync` (on this or another
+        process's engine object: the per-stage sync sends from every stage leader while rank 0 holds
+        the session). ``version`` None: the bucket leaves the engine's version alone. No flush per
+        bucket: :meth:`begin_weight_sync` flushed the paused engine, which caches nothing until
+        :meth:`finish_weight_sync` continues it."""
         if self.transport == "tensor":
             payload = api.update_weights_from_tensor(
-                api.serialize_named_tensors(bucket), version=version, tp_size=self.engine_tp
+                api.serialize_named_tensors(bucket), version=version, tp_size=self.engine_tp, flush_cache=False
             )
             for res in await self._control("POST", "/update_weights_from_tensor", payload):
                 api.parse_success(res, "update_weights_from_tensor")
             return
         await self._broadcast_bucket(bucket, version)
 
-    async def _broadcast_bucket(self, bucket: NamedTensors, version: int) -> None:
+    async def _broadcast_bucket(self, bucket: NamedTensors, version: Optional[int]) -> None:
         """The POSTs (metas) in flight first, then one broadcast of the bucket's bytes, then await both.
 
         Hazard: a gloo/NCCL broadcast cannot be cancelled. If a worker rejects the POST before it
@@ -325,7 +330,9 @@ class SGLangEngine:
         from dapo_megatron.weights.transports import metas_of
 
         flat = api.flatten_bucket(bucket)
-        payload = api.update_weights_from_distributed(metas_of(bucket), version=version, group_name=self._group_name)
+        payload = api.update_weights_from_distributed(
+            metas_of(bucket), version=version, group_name=self._group_name, flush_cache=False
+        )
         posts = [
             asyncio.ensure_future(self._request("POST", w + "/update_weights_from_distributed", payload))
             for w in self.live_workers

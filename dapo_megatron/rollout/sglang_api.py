@@ -231,7 +231,7 @@ def update_weight_version(version: int) -> Json:
 def update_weights_from_distributed(
     metas: Sequence[Any],
     *,
-    version: int,
+    version: Optional[int],
     group_name: str = DEFAULT_GROUP_NAME,
     flush_cache: bool = True,
     flattened: bool = True,
@@ -239,7 +239,8 @@ def update_weights_from_distributed(
     """``UpdateWeightsFromDistributedReqInput`` for one bucket; ``metas`` are ``TensorMeta``-like
     (``name``, ``dtype`` as "bfloat16", ``shape``), in the order the sender lays them out. ``flattened``:
     the bucket arrives as one broadcast of its concatenated bytes (:func:`flatten_bucket`), else as one
-    broadcast per tensor."""
+    broadcast per tensor. ``version`` None: the bucket does not stamp the engine (a sync whose version
+    is stamped once, after its last bucket, by ``update_weight_version``)."""
     return {
         "names": [m.name for m in metas],
         "dtypes": [m.dtype for m in metas],
@@ -247,7 +248,7 @@ def update_weights_from_distributed(
         "group_name": group_name,
         "flush_cache": flush_cache,
         "abort_all_requests": False,
-        "weight_version": str(int(version)),
+        "weight_version": None if version is None else str(int(version)),
         "load_format": "flattened_bucket" if flattened else None,
     }
 
@@ -284,15 +285,17 @@ def serialize_named_tensors(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def update_weights_from_tensor(payload: str, *, version: int, tp_size: int, flush_cache: bool = True) -> Json:
+def update_weights_from_tensor(
+    payload: str, *, version: Optional[int], tp_size: int, flush_cache: bool = True
+) -> Json:
     """``UpdateWeightsFromTensorReqInput`` (default load format: a list of named tensors) with one copy
-    of ``payload`` (:func:`serialize_named_tensors`) per engine TP rank."""
+    of ``payload`` (:func:`serialize_named_tensors`) per engine TP rank; ``version`` None: no stamp."""
     return {
         "serialized_named_tensors": [payload for _ in range(tp_size)],
         "load_format": None,
         "flush_cache": flush_cache,
         "abort_all_requests": False,
-        "weight_version": str(int(version)),
+        "weight_version": None if version is None else str(int(version)),
     }
 
 

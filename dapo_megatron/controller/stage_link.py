@@ -1,0 +1,128 @@
+"""Each pipeline stage's own line to the SGLang servers, for the per-stage weight sync.
+
+Built once per run by :func:`connect_stage_link`, a collective called on every trainer rank after the
+driver (rank 0) has built its engines. Rank 0 shares what a stage leader needs to reach the servers
+(worker URLs, API key, engine TP, transport, update backend) over the default group; every stage
+leader (pp stage ``s``, TP rank 0, DP rank 0; rank 0 leads stage 0) then opens its own client:
+
+* ``distributed`` transport (disaggregated): one ``update_weights_from_distributed`` group per
+  (stage, server), named ``dapo_pp<s>_w<i>``, with the leader as group rank 0 and the server's TP ranks
+  after it. Why one per server and not one per stage spanning every server: SGLang 0.5.23 serves one
+  weight request at a time per server (the tokenizer holds its pause lock across the call, the
+  scheduler is single-threaded), so two servers may serve two stages' buckets in opposite orders; a
+  broadcast spanning both servers would then wait on each other forever. With a group per server a
+  leader sends to all its servers at once and every server's current request always has its sender.
+  The groups are created stage after stage (a barrier between), for the same reason.
+* ``tensor`` transport (colocated): the leader POSTs ``update_weights_from_tensor`` itself, the tensors
+  shared by CUDA IPC (GPU) or shared-memory files (CPU); this needs the leader on the servers' host,
+  so when any stage leader is on another host the run falls back to the gather to rank 0.
+
+Only SGLang engines take this path. In-process engines (embedded, vLLM) live in rank 0's process, so
+their sync keeps gathering the model to rank 0 (:func:`~dapo_megatron.controller.weight_sync.push_weights`
+with no link).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch.distributed as dist
+
+from dapo_megatron.weights.stage_gather import StageRole, stage_role
+
+
+@dataclass
+class StageLink:
+    """This rank's part of the per-stage sync. ``enabled`` is the same on every rank. On a stage
+    leader, ``engines`` are one :class:`~dapo_megatron.rollout.sglang.SGLangEngine` per server (its own
+    update group each), driven on the private event ``loop``."""
+
+    enabled: bool
+    role: Optional[StageRole] = None
+    engines: List[Any] = field(default_factory=list)
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    reason: str = ""
+
+    def send_bucket(self, bucket: List[Any]) -> None:
+        """Leader: one bucket to every server at once (unstamped: rank 0 stamps the version at the end)."""
+        assert self.loop is not None and self.engines, "send_bucket is for stage leaders"
+
+        async def to_all() -> None:  # gather inside the coroutine: its futures belong to self.loop
+            await asyncio.gather(*(e.load_bucket(bucket, None) for e in self.engines))
+
+        self.loop.run_until_complete(to_all())
+
+    def close(self) -> None:
+        if self.loop is not None:
+            for engine in self.engines:
+                self.loop.run_until_complete(engine.shutdown())
+            self.loop.close()
+            self.loop = None
+
+
+def _describe(engines: List[Any], backend: str) -> Dict[str, Any]:
+    """Rank 0: what a stage leader needs to reach the servers, or why the link is off."""
+    from dapo_megatron.rollout.sglang import SGLangEngine
+
+    if len(engines) != 1 or not isinstance(engines[0], SGLangEngine):
+        return {"enabled": False, "reason": "in-process engines live in rank 0: the model is gathered there"}
+    e = engines[0]
+    return {"enabled": True, "workers": e.live_workers, "api_key": e.api_key, "engine_tp": e.engine_tp,
+            "transport": e.transport, "backend": backend, "local": e.owner is not None,
+            "host": socket.gethostname()}  # fmt: skip
+
+
+def _share(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (one small object over the default group, at start-up only)."""
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def connect_stage_link(engines: List[Any], *, backend: str, timeout_s: float = 300.0) -> StageLink:
+    """Collective over all trainer ranks (see the module docstring). ``engines``: rank 0's engine pool
+    (``[]`` elsewhere); ``backend``: ``nccl`` or ``gloo`` for the update groups. A PP=1 run gets a link
+    too: its single stage leader is rank 0, which then sends without the gather."""
+    info = _share(_describe(engines, backend) if dist.get_rank() == 0 else None)
+    role = stage_role()
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname() if role.leader else None)
+    if info["enabled"] and info["transport"] == "tensor" and any(h not in (None, info["host"]) for h in hosts):
+        info = {"enabled": False, "reason": "a stage leader is not on the servers' host: CUDA IPC cannot reach it"}
+    link = StageLink(enabled=info["enabled"], role=role, reason=info.get("reason", ""))
+    if not link.enabled:
+        return link
+    for stage in range(role.pp):  # one stage at a time: see the module docstring
+        if role.leader and role.stage == stage:
+            _open_leader(link, info, stage, timeout_s)
+        dist.barrier()
+    return link
+
+
+def _open_leader(link: StageLink, info: Dict[str, Any], stage: int, timeout_s: float) -> None:
+    from dapo_megatron.rollout.process import free_port
+    from dapo_megatron.rollout.sglang import SGLangEngine
+
+    link.loop = asyncio.new_event_loop()
+    link.engines = [
+        SGLangEngine(url, engine_tp=info["engine_tp"], api_key=info["api_key"], transport=info["transport"])
+        for url in info["workers"]
+    ]
+    if info["transport"] != "distributed":
+        return
+    # The address the servers dial: loopback for a fleet on this machine, else this leader's host.
+    bind = "127.0.0.1" if info["local"] else ""
+    address = "127.0.0.1" if info["local"] else socket.gethostname()
+    for i, engine in enumerate(link.engines):
+        link.loop.run_until_complete(
+            engine.init_weight_group(
+                address,
+                free_port(bind),
+                backend=info["backend"],
+                group_name=f"dapo_pp{stage}_w{i}",
+                timeout_s=timeout_s,
+            )  # fmt: skip
+        )
