@@ -123,14 +123,20 @@ class LocalSlurm:
         )
         self._wait_for(lambda: os.path.exists(self.munge_socket), 10, "munged did not create its socket")
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", self.conf])
+        self._start_slurmds()
+        self._wait_for(self._node_idle, timeout_s, f"the node(s) did not become idle in {timeout_s:.0f} s")
+
+    def _start_slurmds(self) -> None:
+        """One slurmd for the one node (a multi-node subclass starts one per node)."""
         self._spawn("slurmd", [_which("slurmd"), "-D", "-N", "localhost", "-f", self.conf])
-        self._wait_for(self._node_idle, timeout_s, f"the node did not become idle in {timeout_s:.0f} s")
 
     def stop(self) -> List[int]:
         """Cancel our jobs, then stop slurmd, slurmctld, munged by PID. Returns PIDs still alive."""
         self._cancel_jobs()
         survivors = []
-        for name in ("slurmd", "slurmctld", "munged"):
+        # Every slurmd first (a multi-node cluster has one per node), then the controller, then munge.
+        slurmds = [n for n in self.procs if n.startswith("slurmd")]
+        for name in (*slurmds, "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None:
                 continue
@@ -211,7 +217,7 @@ class LocalSlurm:
 
     def logs_tail(self, lines: int = 15) -> str:
         out = []
-        for name in ("slurmctld", "slurmd", "munged"):
+        for name in ("slurmctld", *sorted(n for n in self.procs if n.startswith("slurmd")), "munged"):
             path = os.path.join(self.root, "log", f"{name}.out")
             if os.path.exists(path):
                 with open(path, errors="replace") as f:
@@ -230,11 +236,19 @@ class LocalSlurm:
         shutil.chown(munge_dir, "munge", "munge")
         shutil.chown(key, "munge", "munge")
 
-    def _write_conf(self) -> None:
+    def _node_lines(self) -> List[str]:
+        """The NodeName and PartitionName lines of slurm.conf: here one node, this machine."""
+        return [
+            f"NodeName=localhost CPUs={os.cpu_count() or 1} RealMemory={_real_memory_mb()} State=UNKNOWN",
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+        ]
+
+    def _write_conf(self, ctld_host: str = "localhost") -> None:
+        """slurm.conf; ``ctld_host`` is the SlurmctldHost value (``name(address)`` for other nodes)."""
         r = self.root
         lines = [
             "ClusterName=dapotest",
-            "SlurmctldHost=localhost",
+            f"SlurmctldHost={ctld_host}",
             "SlurmUser=root",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
@@ -250,16 +264,15 @@ class LocalSlurm:
             "ReturnToService=2",
             "KillWait=5",
             f"SlurmctldPidFile={r}/slurmctld.pid",
-            f"SlurmdPidFile={r}/slurmd.pid",
-            f"SlurmdSpoolDir={r}/spool",
+            f"SlurmdPidFile={r}/slurmd.%n.pid",  # %n: the node name, one file per slurmd
+            f"SlurmdSpoolDir={r}/spool/%n",
             f"StateSaveLocation={r}/ctld",
             f"SlurmctldLogFile={r}/log/slurmctld.log",
-            f"SlurmdLogFile={r}/log/slurmd.log",
+            f"SlurmdLogFile={r}/log/slurmd.%n.log",
             "JobCompType=jobcomp/none",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
-            f"NodeName=localhost CPUs={os.cpu_count() or 1} RealMemory={_real_memory_mb()} State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+            *self._node_lines(),
         ]
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -278,10 +291,11 @@ class LocalSlurm:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs_tail()}")
         try:
-            out = self.client(["sinfo", "-h", "-o", "%t"], check=False)
+            out = self.client(["sinfo", "-h", "-N", "-o", "%t"], check=False)
         except subprocess.TimeoutExpired:
             return False
-        return out.stdout.strip().startswith("idle")
+        states = out.stdout.split()
+        return bool(states) and all(s == "idle" for s in states)
 
     def _wait_for(self, ready, timeout_s: float, message: str) -> None:
         deadline = time.monotonic() + timeout_s
