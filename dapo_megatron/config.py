@@ -95,7 +95,9 @@ class ParallelConfig:
         virtual_pipeline: model chunks per pipeline rank (interleaved schedule); 1 means off.
         context: context-parallel degree (CP).
         expert: expert-parallel degree (EP), for MoE models.
-        sequence_parallel: Megatron sequence parallelism (needs TE or apex norms; GPU only).
+        sequence_parallel: Megatron sequence parallelism: norms, dropout and residuals hold ``T/tp``
+            positions per TP rank. Needs ``tensor > 1`` and Transformer Engine layers (GPU):
+            megatron-core's local (CPU) layer spec builds torch norms, which refuse it.
         world_size: trainer ranks, when known up front (``nodes * gpus_per_node``); 0 means taken
             from the launcher at start-up. When set, the layout is checked against it here.
         use_distributed_optimizer: shard optimizer state across data-parallel ranks.
@@ -119,6 +121,11 @@ class ParallelConfig:
             "an interleaved schedule needs parallel.pipeline > 1",
         )
         _check(self.world_size >= 0, "parallel.world_size", "must be >= 0 (0 = from the launcher)")
+        _check(
+            not self.sequence_parallel or self.tensor > 1,
+            "parallel.sequence_parallel",
+            "splits each sequence over the tensor-parallel ranks, so it needs parallel.tensor > 1",
+        )
         model_parallel = self.tensor * self.pipeline * self.context
         _check(
             self.world_size == 0 or self.world_size % model_parallel == 0,
@@ -573,4 +580,10 @@ class Config:
             self.model.fp8 is None or self.model.params_dtype == "bfloat16",
             "model.fp8",
             "FP8 training keeps master weights in bfloat16; set model.params_dtype=bfloat16",
+        )
+        _check(
+            not self.parallel.sequence_parallel or self.model.transformer_impl != "local",
+            "parallel.sequence_parallel",
+            "megatron-core's local layers (model.transformer_impl='local') use torch norms, which do not "
+            "support sequence parallelism; use Transformer Engine (GPU) or turn sequence_parallel off",
         )

@@ -78,7 +78,7 @@ def start_trainer(cfg: Config) -> tuple:
         spec, topology, model_cfg=cfg.model, optim_cfg=cfg.optim, train_cfg=cfg.train, algo_cfg=cfg.algo,
         max_response_len=cfg.rollout.max_response_len, total_steps=cfg.train.total_steps,
         prompts_per_step=cfg.rollout.prompts_per_step, group_size=cfg.rollout.n_samples_per_prompt,
-        use_distributed_optimizer=p.use_distributed_optimizer,
+        use_distributed_optimizer=p.use_distributed_optimizer, sequence_parallel=p.sequence_parallel,
     )  # fmt: skip
     return env, topology, spec, actor
 

@@ -37,10 +37,11 @@ from torch import Tensor
 from dapo_megatron.algo.policy_loss import aggregate_loss, policy_loss
 from dapo_megatron.algo.tis import tis_weights
 from dapo_megatron.config import AlgoConfig, ModelConfig, OptimConfig, TrainConfig
-from dapo_megatron.megatron.batching import MicroBatch, MiniBatchPlan, pad_microbatch, plan_minibatches
+from dapo_megatron.megatron.batching import MicroBatch, MiniBatchPlan, plan_minibatches
 from dapo_megatron.megatron.loss_scaling import CALCULATE_PER_TOKEN_LOSS, scale_loss
 from dapo_megatron.megatron.offload import StateOffloader, grad_tensors, model_tensors, optimizer_tensors
 from dapo_megatron.megatron.optim import build_optimizer
+from dapo_megatron.megatron.token_padding import pad_for_schedule, sequence_multiple
 from dapo_megatron.types import TrainBatch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,6 +85,7 @@ class MegatronActor:
             and ``ppo_epochs`` it gives the updates per step.
         group_size: responses per prompt (G); informational (batches carry ``seq_group``).
         use_distributed_optimizer: shard optimizer state over DP (``parallel.use_distributed_optimizer``).
+        sequence_parallel: megatron sequence parallelism (``parallel.sequence_parallel``; TP > 1, TE).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class MegatronActor:
         prompts_per_step: int,
         group_size: int,
         use_distributed_optimizer: bool = False,
+        sequence_parallel: bool = False,
     ) -> None:
         check_actor_support(topology, model_cfg)  # before any import of megatron or model build
         from megatron.core import parallel_state as ps
@@ -113,9 +116,13 @@ class MegatronActor:
         self.params_dtype = _DTYPES[model_cfg.params_dtype]
         self.use_distributed_optimizer = use_distributed_optimizer
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        chunks = build_model_chunks(spec, topology, model_cfg)
+        chunks = build_model_chunks(spec, topology, model_cfg, sequence_parallel=sequence_parallel)
         self._chunks = list(chunks)
         self._fixed_shapes = topology.vpp > 1
+        # Every micro-batch's column count is padded to this (FP8 GEMM alignment, SP split; token_padding).
+        self.seq_multiple = sequence_multiple(
+            fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe, sequence_parallel=sequence_parallel, tp=topology.tp
+        )
         self._configure_schedule(self._chunks[0].config)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
@@ -258,10 +265,7 @@ class MegatronActor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self._require_on_device("forward/backward")
-        mbs = plan.microbatches
-        if self._fixed_shapes:
-            rows, cols = max(mb.tokens.shape[0] for mb in mbs), max(mb.tokens.shape[1] for mb in mbs)
-            mbs = [pad_microbatch(mb, rows, cols) for mb in mbs]
+        mbs = pad_for_schedule(plan.microbatches, multiple=self.seq_multiple, same_shape=self._fixed_shapes)
         mbs = [self._to_device(mb) for mb in mbs]
 
         def forward_step(data_iterator, model):
@@ -332,7 +336,8 @@ class MegatronActor:
         def loss_func(logits: Tensor):
             lp, _ = self._token_logprobs(logits, mb, temperature, entropy=False)
             keep = mb.rows >= 0
-            out[mb.rows[keep].cpu(), : lp.shape[1]] = lp[keep].detach().float().cpu()
+            t = min(lp.shape[1], out.shape[1])  # padded columns may run past the batch's T
+            out[mb.rows[keep].cpu(), :t] = lp[keep, :t].detach().float().cpu()
             return lp.new_zeros(()), {}
 
         return loss_func

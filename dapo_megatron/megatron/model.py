@@ -292,7 +292,13 @@ def transformer_config(
     impl = resolve_transformer_impl(model_cfg)
     on_cpu = not torch.cuda.is_available()
     if sequence_parallel and impl != "transformer_engine":
-        raise ConfigError("parallel.sequence_parallel needs Transformer Engine norms (GPU); turn it off for 'local'")
+        # The local spec's norm (megatron WrappedTorchNorm) asserts sequence_parallel is off: torch's
+        # RMSNorm weights carry no sequence_parallel mark, so their grads would not be summed over TP.
+        raise ConfigError(
+            f"parallel.sequence_parallel needs Transformer Engine layers on CUDA, but model.transformer_impl="
+            f"{model_cfg.transformer_impl!r} resolved to 'local' on this machine: megatron-core's local layers use "
+            "torch norms, which do not support sequence parallelism. Turn parallel.sequence_parallel off"
+        )
     dtype = _DTYPES[model_cfg.params_dtype]
     return TransformerConfig(
         num_layers=spec.num_layers,
