@@ -63,6 +63,11 @@ dapo_plan_has_engines() {
   python -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["engines"] else 1)' "$1"
 }
 
+# One top-level field of the saved plan (e.g. trainer_ranks_per_node). Args: plan JSON, field name.
+dapo_plan_field() {
+  python -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
+}
+
 # Start one srun step per node of a node range that launches the engines planned for that node,
 # in the background. Args: first node index (relative to the allocation), node count, plan JSON, then
 # the run's config and overrides (the servers' model, memory and device options come from them).
