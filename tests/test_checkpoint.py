@@ -80,3 +80,57 @@ def test_next_save_recovers_and_cleans_leftovers():
     assert rec["latest"].endswith(os.sep + "step_1")
     assert rec["listing"] == ["latest", "step_1"]
     C.report("checkpoint atomicity", "both injected crashes left a loadable previous checkpoint")
+
+
+def _distopt_reshard() -> tuple:
+    """(TP2PP2 straight run, rank 0's; TP1PP2 resumed runs, per rank), run once per session."""
+    if "distopt_reshard" not in C._SUITE:
+        import shutil
+        import tempfile
+
+        from tests import reshard_cases as R
+        from tests.distributed_harness import run_distributed
+
+        tmp = tempfile.mkdtemp(prefix="distopt_reshard_")
+        try:
+            straight = run_distributed(R.straight_tp2pp2, 4, tmp, timeout_s=600)[0]
+            resumed = run_distributed(R.resumed_tp1pp2, 2, tmp, straight["batch"], timeout_s=600)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        C._SUITE["distopt_reshard"] = (straight, resumed)
+    return C._SUITE["distopt_reshard"]
+
+
+def test_distributed_optimizer_checkpoint_resumes_at_another_tp_pp():
+    """Distributed optimizer, saved at TP2PP2 after update 1, resumed at TP1PP2 with its Adam state:
+    updates 2 and 3 give the losses and log-probs of the uninterrupted TP2PP2 run (layout tolerance).
+    Update 3's loss depends on update 2, i.e. on the restored moments; loading the weights alone
+    (fresh Adam) changes it far beyond the tolerance, so the comparison sees the optimizer state."""
+    from tests.test_actor_invariance import LOSS_ABS_TOL, TOL
+
+    straight, resumed = _distopt_reshard()
+    assert straight["meta"]["optimizer_saved"] and straight["meta"]["layout"]["tp"] == 2
+    assert straight["meta"]["optimizer_format"] == "fully_reshardable"
+    mask = straight["batch"].loss_mask != 0
+    for name in ("resumed", "resumed_dp2"):  # TP1PP2, and TP1PP1 x DP2 (Adam state sharded over DP)
+        run = resumed[0][name]
+        assert all(r[name]["lp"].equal(run["lp"]) for r in resumed)  # the same on every rank
+        losses = [abs(a["loss"] - b["loss"]) for a, b in zip(run["after"], straight["after"])]
+        lp_abs = float((run["lp"] - straight["lp"])[mask].abs().max())
+        C.report(f"distopt TP2PP2 -> {name}", f"loss abs diff update 2 {losses[0]:.2e}, update 3 {losses[1]:.2e}; "
+                 f"logprob abs after update 3 {lp_abs:.2e}")  # fmt: skip
+        assert all(m["skipped_updates"] == 0 for m in run["after"])
+        assert max(losses) <= LOSS_ABS_TOL and lp_abs <= TOL, name
+    control = abs(resumed[0]["weights_only"]["after"][1]["loss"] - straight["after"][1]["loss"])
+    control_lp = float((resumed[0]["weights_only"]["lp"] - straight["lp"])[mask].abs().max())
+    C.report("distopt weights-only control", f"update-3 loss diff {control:.2e}, logprob {control_lp:.2e}")
+    assert control > 100 * LOSS_ABS_TOL and control_lp > 100 * TOL
+
+
+def test_old_dp_reshardable_optimizer_state_is_refused_at_another_layout():
+    """A checkpoint whose distributed-optimizer state is ``dp_reshardable`` (earlier versions) loaded
+    at another TP/PP: a CheckpointError naming the format, the layout change and what to do."""
+    _, resumed = _distopt_reshard()
+    for r in resumed:
+        msg = r.get("old_format_error", "")
+        assert "'dp_reshardable'" in msg and "tp 2 -> 1" in msg and "parallel.tensor" in msg, msg

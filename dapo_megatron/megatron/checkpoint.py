@@ -15,10 +15,14 @@ A checkpoint of the older pickle format (``meta.pt``) is refused with a :class:`
 saying how to use its weights.
 
 Weights and optimizer state are saved as ShardedTensors with *global* keys, so a checkpoint saved
-at one TP/PP(/VPP) layout loads at another (dist_checkpointing reshards). The optimizer uses
-``distrib_optim_sharding_type="dp_reshardable"`` so the distributed optimizer may change DP size
-too. RNG files are restored only when the world size is unchanged (otherwise they do not map to
-ranks) and ``load_checkpoint`` reports whether it restored them.
+at one TP/PP(/VPP) layout loads at another (dist_checkpointing reshards). The distributed
+optimizer's state is saved ``fully_reshardable`` (megatron-core's model-space format: per parameter
+``param``/``exp_avg``/``exp_avg_sq`` tensors shaped like the parameter), so a run resumes with its
+optimizer at another TP, PP or DP; ``meta.json`` records the format as ``optimizer_format``.
+Checkpoints of earlier versions hold ``dp_reshardable`` state, which loads only at the layout it was
+saved at (other TP/PP/VPP: a :class:`CheckpointError` that says so). RNG files are restored only
+when the world size is unchanged (otherwise they do not map to ranks) and ``load_checkpoint``
+reports whether it restored them.
 
 Atomicity: rank 0 makes ``path.tmp-<nonce>``, every rank writes into it, a barrier, then rank 0
 fsyncs everything and renames: an old ``path`` is first renamed aside (``path.old-<nonce>``), the
@@ -58,7 +62,24 @@ from dapo_megatron.megatron.ckpt_files import (
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "verify_checkpoint"]
 
 LATEST = "latest"
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIMIZER_FORMAT = "fully_reshardable"
+_OLD_OPTIMIZER_FORMAT = "dp_reshardable"  # every checkpoint without ``optimizer_format`` in meta.json
+
+
+def _optim_metadata(sharding_type: str) -> Dict[str, Any]:
+    """``metadata`` of megatron's ``DistributedOptimizer.sharded_state_dict`` for ``sharding_type``.
+
+    ``fully_reshardable`` gathers each DP group's flat optimizer shards into parameter-shaped tensors
+    on save. The memory-efficient variant gathers over the gloo DP group onto DP rank 0 only (the
+    rank whose replica the writer keeps anyway): host memory of one model-parallel shard's state on
+    that rank (12 bytes per parameter of the shard), none on the other DP ranks and none on the GPU.
+    Loading reads the shard's whole state on every rank and slices it locally (no communication).
+    Ignored by the non-distributed optimizer, whose state is parameter-shaped already.
+    """
+    meta: Dict[str, Any] = {"distrib_optim_sharding_type": sharding_type}
+    if sharding_type == "fully_reshardable":
+        meta["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return meta
 
 
 def _rank() -> int:
@@ -103,15 +124,36 @@ def _optimizer_has_state(actor: Any) -> bool:
     return actor.updates_applied > 0
 
 
-def _sharded_state(actor: Any, *, is_loading: bool, with_optimizer: bool) -> Dict[str, Any]:
+def _sharded_state(
+    actor: Any, *, is_loading: bool, with_optimizer: bool, optimizer_format: str = OPTIMIZER_FORMAT
+) -> Dict[str, Any]:
     """``{"model<i>": chunk i's sharded state dict, "optimizer": ...}`` of this rank."""
     state: Dict[str, Any] = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(actor.model_chunks)}
     if with_optimizer:
+        if is_loading:
+            _allocate_distributed_optimizer_state(actor.optimizer)
         model_sd = dict(state)
         state["optimizer"] = actor.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=dict(_OPTIM_METADATA)
+            model_sd, is_loading=is_loading, metadata=_optim_metadata(optimizer_format)
         )
     return state
+
+
+def _allocate_distributed_optimizer_state(optimizer: Any) -> None:
+    """Give a distributed optimizer that never stepped the state tensors loading overwrites.
+
+    With torch's Adam (no Apex/TE FusedAdam: CPU, or a GPU image without them) megatron's
+    ``DistributedOptimizer.state_dict`` reads Adam's per-parameter ``step``, which exists only after
+    a first step, and ``sharded_state_dict(is_loading=True)`` calls it: a fresh actor could not load
+    its optimizer. megatron's own remedy (used for its FSDP format) is one step on zero gradients;
+    every value it touches -- moments, step, and the fp32 shards, which are views of the weights --
+    is then replaced by the checkpoint (weights, then optimizer state, see ``_load_sharded``).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -161,7 +203,8 @@ def _write_into(actor: Any, tmp: str) -> bool:
     from megatron.core import dist_checkpointing
 
     with_optimizer = _optimizer_has_state(actor)
-    dist_checkpointing.save(_sharded_state(actor, is_loading=False, with_optimizer=with_optimizer), tmp)
+    state = _sharded_state(actor, is_loading=False, with_optimizer=with_optimizer, optimizer_format=OPTIMIZER_FORMAT)
+    dist_checkpointing.save(state, tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     write_rng_file(_rng_file(tmp, _rank()), _rng_state())
     return with_optimizer
@@ -182,6 +225,7 @@ def _write_meta(actor: Any, tmp: str, *, step: int, extra_state: dict, with_opti
         "updates_applied": int(actor.updates_applied),
         "layout": _layout(actor),
         "optimizer_saved": with_optimizer,
+        "optimizer_format": OPTIMIZER_FORMAT,
         "files": file_sizes(tmp),
     }
     _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1).encode())
@@ -254,22 +298,70 @@ def load_checkpoint(actor: Any, path: str, *, model_only: bool = False) -> Tuple
             f"{os.path.join(path, META)} is missing: {path} is not a training checkpoint of this project; "
             "a converted HF checkpoint loads with model_only=True (model.load)"
         )
-    _load_sharded(actor, path, with_optimizer=bool(meta["optimizer_saved"]))
+    optimizer_format = _loadable_optimizer_format(actor, path, meta)
+    _load_sharded(actor, path, with_optimizer=bool(meta["optimizer_saved"]), optimizer_format=optimizer_format)
     _restore_training_state(actor, path, meta)
     _barrier()
     return int(meta["step"]), from_json(meta["extra_state"])
 
 
-def _load_sharded(actor: Any, path: str, *, with_optimizer: bool) -> None:
+def _loadable_optimizer_format(actor: Any, path: str, meta: Dict[str, Any]) -> str:
+    """The checkpoint's optimizer format; refuses DP-only-reshardable state at another TP/PP/VPP."""
+    fmt = meta.get("optimizer_format", _OLD_OPTIMIZER_FORMAT)
+    if fmt not in (OPTIMIZER_FORMAT, _OLD_OPTIMIZER_FORMAT):
+        raise CheckpointError(f"{os.path.join(path, META)}: unknown optimizer_format {fmt!r}")
+    saved, now = meta["layout"], _layout(actor)
+    model_layout = ("tp", "pp", "vpp")
+    moved = [f"{k} {saved[k]} -> {now[k]}" for k in model_layout if saved.get(k) != now[k]]
+    if fmt == _OLD_OPTIMIZER_FORMAT and meta["optimizer_saved"] and actor.use_distributed_optimizer and moved:
+        raise CheckpointError(
+            f"{path}: its distributed-optimizer state was saved {fmt!r} (an older dapo_megatron), which loads "
+            f"only at the TP/PP/VPP it was saved at, but the layout changed ({', '.join(moved)}). Resume at the "
+            "saved parallel.tensor/pipeline/virtual_pipeline, save again (new checkpoints reshard), then change it"
+        )
+    return fmt
+
+
+def _load_sharded(actor: Any, path: str, *, with_optimizer: bool, optimizer_format: str = OPTIMIZER_FORMAT) -> None:
     from megatron.core import dist_checkpointing
 
-    state = _sharded_state(actor, is_loading=True, with_optimizer=with_optimizer)
+    state = _sharded_state(actor, is_loading=True, with_optimizer=with_optimizer, optimizer_format=optimizer_format)
     with torch.no_grad():  # fp32 params are loaded in place (platform-notes)
         loaded = dist_checkpointing.load(state, path)
         for i, chunk in enumerate(actor.model_chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
         if with_optimizer:
-            actor.optimizer.load_state_dict(loaded["optimizer"])
+            _load_optimizer_state(actor.optimizer, loaded["optimizer"])
+
+
+def _load_optimizer_state(optimizer: Any, state: Dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, working around megatron-core 0.16's ``fully_reshardable``
+    load with torch's Adam (no Apex/TE FusedAdam).
+
+    megatron first writes the saved Adam ``step`` into every parameter's state, then copies the
+    parameter-shaped tensors with a loop over *that state's* keys, while the checkpoint holds no
+    per-parameter ``step`` (it lives in the param groups): ``KeyError: 'step'``. So the common part
+    is loaded first, ``step`` is set aside while megatron copies ``param``/``exp_avg``/``exp_avg_sq``,
+    and put back as one tensor per parameter: megatron's load hands every parameter the same tensor,
+    and torch's Adam increments ``step`` in place once per parameter, so a shared one would count
+    every update N times and skew Adam's bias correction after a resume (both formats).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(opts) != 1 or not isinstance(opts[0], DistributedOptimizer):
+        optimizer.load_state_dict(state)
+        return
+    opt = opts[0]
+    if state.get("param_state_sharding_type") != "fully_reshardable":
+        opt.load_state_dict(state)
+        steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+    else:
+        opt.load_state_dict({k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")})
+        steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+        opt.load_parameter_state_from_fully_reshardable(state["param_state"])
+    for p, step in steps.items():
+        opt.optimizer.state[p]["step"] = step.clone()
 
 
 def _restore_training_state(actor: Any, path: str, meta: Dict[str, Any]) -> None:
