@@ -101,6 +101,13 @@ class ParallelConfig:
         world_size: trainer ranks, when known up front (``nodes * gpus_per_node``); 0 means taken
             from the launcher at start-up. When set, the layout is checked against it here.
         use_distributed_optimizer: shard optimizer state across data-parallel ranks.
+        collective_timeout_s: seconds one collective (of the world or of megatron's groups) may
+            wait before the process group gives up. Rank-0-only work (rollout, eval, engine
+            start-up) is waited for on the rendezvous store, not in a collective, so this need not
+            cover a rollout; it must cover the longest legitimate skew between ranks inside a
+            collective: a checkpoint save of a large model to a shared file system, a weight push
+            while engines load, the first NCCL connect of a big job. One hour does, and a rank that
+            hangs longer still ends the job instead of burning the allocation.
     """
 
     tensor: int = 1
@@ -111,8 +118,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     world_size: int = 0
     use_distributed_optimizer: bool = False
+    collective_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
+        _check(self.collective_timeout_s > 0, "parallel.collective_timeout_s", "must be > 0 seconds")
         for name in ("tensor", "pipeline", "virtual_pipeline", "context", "expert"):
             _check(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
         _check(

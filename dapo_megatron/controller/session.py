@@ -2,8 +2,9 @@
 
 Every trainer rank builds the process groups, the Megatron actor and the run paths. Trainer rank 0
 also owns the driver side: tokenizer, prompt data, reward, the rollout engines on a private event
-loop, the streaming rollout, evaluation data and the metrics logger. Other ranks receive each
-step's batch by broadcast (``controller/loop.py``).
+loop, the streaming rollout, evaluation data and the metrics logger. Other ranks wait for rank 0's
+rollout on the rendezvous store, then receive their DP replica's rows of each step
+(``controller/loop.py``, ``megatron/dispatch.py``).
 
 Resume (``run.resume`` and a checkpoint in ``<run.dir>/checkpoints``) restores the actor (weights,
 optimizer, scheduler, RNG) and, through ``extra_state``, the data sampler and the dynamic-sampling
@@ -18,8 +19,6 @@ import shutil
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
-
-import torch.distributed as dist
 
 from dapo_megatron.config import Config
 from dapo_megatron.controller.engines import build_engines, connect_weight_transport, read_hf_config, sglang_device
@@ -40,22 +39,16 @@ def _rank0_then_all(rank0: bool, open_rank0: Callable[[], None]) -> None:
     Without this, a rank 0 that refuses a bad input (a locked folder, a malformed dataset, a
     tokenizer too large) exits while the other ranks sit in their next collective until the
     process-group timeout. Rank 0 re-raises its own error (so the CLI prints it as one line);
-    the others raise :class:`PeerStartError` quoting it.
+    the others raise :class:`PeerStartError` quoting it. They wait on the rendezvous store, not in a
+    collective: starting the engines (loading a large checkpoint) may outlast the collective timeout.
     """
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    error: List[Optional[str]] = [None]
-    failure: Optional[BaseException] = None
-    if rank0:
-        try:
-            open_rank0()
-        except Exception as e:  # noqa: BLE001 - re-raised below once every rank knows
-            failure, error[0] = e, f"{type(e).__name__}: {e}"
-    if multi:
-        dist.broadcast_object_list(error, src=0)
-    if failure is not None:
-        raise failure
-    if error[0] is not None:
-        raise PeerStartError(f"trainer rank 0 could not open the run, so this rank stops too: {error[0]}")
+    from dapo_megatron.parallel.rank0_wait import Rank0Failed, rank0_then_all, world_store
+
+    try:
+        rank0_then_all(world_store(), "dapo/open", rank0, open_rank0, what="opening the run")
+    except Rank0Failed as e:
+        detail = str(e).split("failed on trainer rank 0: ", 1)[-1]
+        raise PeerStartError(f"trainer rank 0 could not open the run, so this rank stops too: {detail}") from None
 
 
 def start_trainer(cfg: Config) -> tuple:
@@ -66,14 +59,14 @@ def start_trainer(cfg: Config) -> tuple:
     from dapo_megatron.parallel.topology import Topology
 
     spec = model_spec_from_hf(read_hf_config(cfg.model.hf_path))
-    env = init_distributed()
     p = cfg.parallel
+    env = init_distributed(timeout_s=p.collective_timeout_s)
     if p.world_size and p.world_size != env.world_size:
         raise ValueError(f"parallel.world_size={p.world_size} but the launcher started {env.world_size} ranks")
     topology = Topology(
         world_size=env.world_size, tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, cp=p.context, ep=p.expert
     )
-    init_model_parallel(topology, seed=cfg.model.seed)
+    init_model_parallel(topology, seed=cfg.model.seed, timeout_s=p.collective_timeout_s)
     actor = MegatronActor(
         spec, topology, model_cfg=cfg.model, optim_cfg=cfg.optim, train_cfg=cfg.train, algo_cfg=cfg.algo,
         max_response_len=cfg.rollout.max_response_len, total_steps=cfg.train.total_steps,

@@ -2,8 +2,9 @@
 
 Order of use on every trainer rank::
 
-    env = init_distributed()                       # torch.distributed (gloo on CPU, nccl on CUDA)
-    init_model_parallel(topology, seed=cfg.model.seed)
+    t = cfg.parallel.collective_timeout_s
+    env = init_distributed(timeout_s=t)            # cpu:gloo,cuda:nccl on CUDA, gloo on CPU
+    init_model_parallel(topology, seed=cfg.model.seed, timeout_s=t)
     ...
     shutdown()
 
@@ -15,6 +16,17 @@ SLURM with several tasks it defaults to 29500 (every rank must know it in advanc
 (plain ``dapo-megatron train``, or one SLURM task) without ``MASTER_PORT`` takes any free port, so a
 second job on the same machine does not collide. A rendezvous that fails raises
 :class:`RendezvousError` naming ``MASTER_ADDR`` and ``MASTER_PORT``.
+
+Backends: with CUDA the world is ``cpu:gloo,cuda:nccl`` -- one process group whose CPU tensors
+and pickled objects (the rank-0 error flags, checkpoint nonces, CPU batch buffers) travel over gloo
+and whose CUDA tensors travel over NCCL. Plain ``nccl`` refuses CPU tensors ("No backend type
+associated with device type cpu"). Without CUDA it is ``gloo``. megatron's groups inherit it.
+
+Timeouts: ``timeout_s`` (``parallel.collective_timeout_s``) bounds one collective of the world
+and of megatron's groups; the rendezvous (ranks waiting for each other to start) has its own,
+:data:`RENDEZVOUS_TIMEOUT_S`, so a short collective timeout never fails a slow start-up. Work that
+only rank 0 does (rollout, eval, engine start-up) is waited for on the rendezvous store, not in a
+collective (``parallel/rank0_wait.py``), so the collective timeout need not cover it.
 """
 
 from __future__ import annotations
@@ -31,19 +43,28 @@ from dapo_megatron.parallel.topology import Topology
 
 __all__ = [
     "ANY_FREE_PORT",
+    "DEFAULT_COLLECTIVE_TIMEOUT_S",
+    "RENDEZVOUS_TIMEOUT_S",
     "DEFAULT_MASTER_PORT",
     "RendezvousError",
     "DistEnv",
+    "default_backend",
     "dist_env_from_environ",
     "first_host_of_nodelist",
     "init_distributed",
     "init_model_parallel",
+    "rendezvous_store",
     "shutdown",
 ]
 
 DEFAULT_MASTER_PORT = 29500
 # master_port of a lone process whose launcher set no MASTER_PORT: init_distributed binds any free one.
 ANY_FREE_PORT = 0
+# The library default of init_distributed; the trainer passes parallel.collective_timeout_s (whose
+# default, in config.py, says why it is an hour).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 3600.0
+# How long ranks wait for each other at start-up (srun starts nodes within minutes of each other).
+RENDEZVOUS_TIMEOUT_S = 900.0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
 
@@ -193,12 +214,25 @@ def dist_env_from_environ(environ: Mapping[str, str]) -> DistEnv:
                    master_port=_port_var(environ, ANY_FREE_PORT))  # fmt: skip
 
 
-def init_distributed(env: DistEnv | None = None, *, backend: str | None = None, timeout_s: float = 600) -> DistEnv:
+def default_backend(cuda: bool) -> str:
+    """``"cpu:gloo,cuda:nccl"`` with CUDA (CPU objects over gloo, GPU tensors over NCCL), else ``"gloo"``."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def init_distributed(
+    env: DistEnv | None = None,
+    *,
+    backend: str | None = None,
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+    rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S,
+) -> DistEnv:
     """Create the default process group and return where this rank sits.
 
     ``env`` defaults to :func:`dist_env_from_environ` of ``os.environ``. ``backend`` defaults to
-    ``nccl`` with CUDA and ``gloo`` without. On CUDA the device is set from ``local_rank`` first;
-    on CPU the megatron compatibility layer is applied (see ``parallel/cpu_compat.py``).
+    :func:`default_backend`. ``timeout_s`` bounds each collective; ``rendezvous_timeout_s`` bounds
+    the start-up wait for the other ranks (the TCP store's own timeout). On CUDA the device is set
+    from ``local_rank`` first; on CPU the megatron compatibility layer is applied (see
+    ``parallel/cpu_compat.py``).
     """
     import torch.distributed as dist
 
@@ -208,7 +242,9 @@ def init_distributed(env: DistEnv | None = None, *, backend: str | None = None, 
         raise RuntimeError("init_distributed: the default process group already exists (call shutdown() first)")
     cuda = torch.cuda.is_available()
     if backend is None:
-        backend = "nccl" if cuda else "gloo"
+        backend = default_backend(cuda)
+    if not timeout_s > 0:
+        raise ValueError(f"init_distributed: timeout_s must be > 0 (parallel.collective_timeout_s), got {timeout_s}")
     if cuda:
         if env.local_rank >= torch.cuda.device_count():
             raise RuntimeError(
@@ -220,7 +256,7 @@ def init_distributed(env: DistEnv | None = None, *, backend: str | None = None, 
 
         apply_cpu_compat()
     try:
-        return _rendezvous(env, backend, timedelta(seconds=timeout_s))
+        return _rendezvous(env, backend, timedelta(seconds=timeout_s), timedelta(seconds=rendezvous_timeout_s))
     except dist.DistError as e:  # DistNetworkError (port taken), DistStoreError (rank 0 unreachable)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RendezvousError(
@@ -230,35 +266,50 @@ def init_distributed(env: DistEnv | None = None, *, backend: str | None = None, 
         ) from e
 
 
-def _rendezvous(env: DistEnv, backend: str, timeout: timedelta) -> DistEnv:
-    """The default process group; returns ``env`` with the port actually used."""
+def _rendezvous(env: DistEnv, backend: str, timeout: timedelta, rendezvous_timeout: timedelta) -> DistEnv:
+    """The default process group; returns ``env`` with the port actually used.
+
+    The TCP store is made here (not by an ``init_method`` URL) so that its timeout is the
+    rendezvous one while the group's is the collective one. Port 0 (a lone process) binds in the
+    store itself: the kernel picks a free port with no window for another process to take it.
+    """
     import torch.distributed as dist
 
-    if env.master_port == ANY_FREE_PORT:
-        # Bind port 0 in the store itself: the kernel picks a free port with no window for another
-        # process to take it between choosing and listening.
-        store = dist.TCPStore(env.master_addr, 0, 1, True, timeout=timeout)
-        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
-        return replace(env, master_port=store.port)
-    dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{_url_host(env.master_addr)}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timeout,
+    lone = env.master_port == ANY_FREE_PORT
+    store = dist.TCPStore(
+        env.master_addr,
+        0 if lone else env.master_port,
+        env.world_size,
+        env.rank == 0,
+        timeout=rendezvous_timeout,
+        wait_for_workers=False,  # ranks meet in init_process_group's first use of the store
     )
-    return env
+    # Gloo connects its full mesh at creation under the group's timeout: create it under the
+    # rendezvous timeout (ranks may still be starting), then lower it to the collective one.
+    start = max(timeout, rendezvous_timeout)
+    dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=start)
+    if timeout < start:
+        dist.distributed_c10d._set_pg_timeout(timeout)
+    return replace(env, master_port=store.port) if lone else env
 
 
-def _url_host(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+def rendezvous_store():
+    """The default group's store (rank 0's TCP store, reached by every rank).
+
+    Used for waits that must not be collectives (``parallel/rank0_wait.py``). torch keeps it in the
+    group map; ``_get_default_store`` is how ``torch.distributed`` itself reads it back.
+    """
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
 
 
-def init_model_parallel(topology: Topology, *, seed: int) -> None:
+def init_model_parallel(topology: Topology, *, seed: int, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
     """Build megatron's TP/PP/CP/EP/DP groups for ``topology`` and seed the model-parallel RNGs.
 
     Needs :func:`init_distributed` first; the process group's size must equal
-    ``topology.world_size``.
+    ``topology.world_size``. ``timeout_s`` bounds each collective of the new groups (megatron takes
+    minutes; a fraction is exact, as it becomes a ``timedelta``).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
@@ -275,6 +326,7 @@ def init_model_parallel(topology: Topology, *, seed: int) -> None:
         virtual_pipeline_model_parallel_size=topology.vpp if topology.vpp > 1 else None,
         context_parallel_size=topology.cp,
         expert_model_parallel_size=topology.ep,
+        distributed_timeout_minutes=timeout_s / 60.0,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
