@@ -329,12 +329,12 @@ def run_layouts(rank: int, world: int, tmp: str, batch, layouts: List[Tuple]) ->
 
 def _world2_body(rank: int, world: int, tmp: str, batch) -> dict:
     """World-2 layouts, then the reshard check: the TP2PP1 checkpoint loaded at TP1PP2."""
-    from dapo_megatron.megatron.batching import broadcast_batch
     from dapo_megatron.megatron.checkpoint import load_checkpoint
     from dapo_megatron.parallel.topology import Topology
+    from tests.dispatch_reference import broadcast_batch
 
     out = run_layouts(rank, world, tmp, batch, WORLD2_LAYOUTS)
-    out["broadcast"] = broadcast_batch(batch if rank == 0 else None, src=0)
+    out["broadcast"], _ = broadcast_batch(batch if rank == 0 else None, src=0)
     actor = make_actor(Topology(world_size=2, tp=1, pp=2, vpp=1, cp=1, ep=1))
     load_checkpoint(actor, _path(tmp, "after_tp2"))
     out["reshard_lp"] = actor.compute_logprobs(batch, temperature=TEMPERATURE)

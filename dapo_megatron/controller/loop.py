@@ -1,7 +1,8 @@
 """The DAPO training loop (Algorithm 1 of the paper), one step per iteration.
 
 The loop body is kept to one screen; each step helper below does one numbered thing. Trainer
-rank 0 drives the engines and broadcasts the batch; every rank trains and joins the weight gather.
+rank 0 drives the engines and plans each batch; every DP replica receives only its rows, every rank
+trains and joins the weight sync.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from dapo_megatron.algo import tis_weights
 from dapo_megatron.config import Config
 from dapo_megatron.controller.batch import build_train_batch, reward_metrics
 from dapo_megatron.controller.evaluate import eval_sampling, evaluate
 from dapo_megatron.controller.run_dir import RunLock
 from dapo_megatron.controller.session import TrainingSession, metrics_of
 from dapo_megatron.controller.weight_sync import push_weights
+from dapo_megatron.megatron.dispatch import StepShard, gap_stats
 from dapo_megatron.observability.timers import PhaseTimer
+from dapo_megatron.parallel.rank0_wait import rank0_then_all, world_store
 from dapo_megatron.rollout.generator import dump_groups, load_groups
-from dapo_megatron.types import Group, TrainBatch
+from dapo_megatron.types import Group
 
 ROLLOUT_FILE = "step_{}.jsonl"  # one dumped step (run.dump_rollouts), read back by run.replay_rollouts
 
@@ -41,12 +43,12 @@ def train(cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = No
     with TrainingSession(cfg, console=console, run_lock=run_lock) as s:
         sync_engines(s, version=s.start_step)  # engines serve the restored (or initial) policy
         if s.start_step == 0 and cfg.run.eval_every > 0 and not cfg.run.replay_rollouts:
-            log_step(s, 0, run_eval(s))  # the "before" accuracy
+            log_step(s, 0, run_eval(s, 0))  # the "before" accuracy
         for step in range(s.start_step + 1, cfg.train.total_steps + 1):
             timer = PhaseTimer()
             with timer("generate"):
                 groups, stats = collect_groups(s, step)  # 1-2: streaming rollout, dynamic sampling, reward + overlong
-            batch = make_batch(s, groups)  # 3: group-relative advantages, broadcast to every rank
+            batch = make_batch(s, groups)  # 3: group-relative advantages; each DP replica gets its rows
             with timer("logprob"):
                 stats.update(old_logprobs(s, batch))  # 4-5: old log-probs (or bypass), TIS mismatch
             if step == s.start_step + 1:
@@ -56,7 +58,7 @@ def train(cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = No
             with timer("sync"):
                 stats.update(sync_engines(s, version=step))  # 7
             if _due(step, cfg.run.eval_every, cfg.train.total_steps):
-                stats.update(run_eval(s))  # 10
+                stats.update(run_eval(s, step))  # 10
             last = log_step(s, step, {**stats, **timer.metrics()})  # 8 (after eval, so eval joins the line)
             if _due(step, cfg.run.save_every, cfg.train.total_steps):
                 save_step(s, step)  # 9: last, see train()'s docstring
@@ -69,29 +71,25 @@ def _due(step: int, every: int, total: int) -> bool:
 
 
 def collect_groups(s: TrainingSession, step: int) -> Tuple[Optional[List[Group]], Dict[str, float]]:
-    """Rank 0: one step of groups and rollout metrics. Failures reach every rank (no hung broadcast)."""
-    error: List[Optional[str]] = [None]
-    groups, stats = None, {}
-    if s.rank0:
-        try:
-            groups, stats = _generate_or_replay(s, step)
-            stats.update(reward_metrics(groups))
-            stats["time/reward_s"] = s.reward_fn.take_seconds()
-            if s.cfg.run.dump_rollouts:
-                os.makedirs(s.paths.rollouts_dir, exist_ok=True)
-                dump_groups(groups, os.path.join(s.paths.rollouts_dir, ROLLOUT_FILE.format(step)))
-            if s.cfg.rollout.mode == "colocated":
-                for engine in s.engines:  # colocated engines give their memory to the trainer meanwhile
-                    s.run(engine.release_memory())
-        except Exception as e:  # noqa: BLE001 - re-raised below after telling the other ranks
-            error[0] = f"{type(e).__name__}: {e}"
-            if not _multi_rank():
-                raise
-    if _multi_rank():
-        dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise RuntimeError(f"rollout failed on trainer rank 0: {error[0]}")
-    if _offloads(s):  # every engine released its memory above, before the broadcast every rank waited in
+    """Rank 0: one step of groups and rollout metrics. The other ranks wait on the rendezvous store,
+    not in a collective (a rollout may outlast parallel.collective_timeout_s); a failure on rank 0
+    reaches them as ``Rank0Failed`` ("rollout failed on trainer rank 0: ...")."""
+
+    def rollout() -> Tuple[List[Group], Dict[str, float]]:
+        groups, stats = _generate_or_replay(s, step)
+        stats.update(reward_metrics(groups))
+        stats["time/reward_s"] = s.reward_fn.take_seconds()
+        if s.cfg.run.dump_rollouts:
+            os.makedirs(s.paths.rollouts_dir, exist_ok=True)
+            dump_groups(groups, os.path.join(s.paths.rollouts_dir, ROLLOUT_FILE.format(step)))
+        if s.cfg.rollout.mode == "colocated":
+            for engine in s.engines:  # colocated engines give their memory to the trainer meanwhile
+                s.run(engine.release_memory())
+        return groups, stats
+
+    out = rank0_then_all(world_store(), f"dapo/generate/{step}", s.rank0, rollout, what="rollout")
+    groups, stats = out if out is not None else (None, {})
+    if _offloads(s):  # every engine released its memory above, before any rank got past the wait
         start = time.perf_counter()
         s.actor.reload()
         stats["memory/trainer_reload_s"] = time.perf_counter() - start
@@ -112,13 +110,9 @@ def _generate_or_replay(s: TrainingSession, step: int) -> Tuple[List[Group], Dic
     return groups, stats
 
 
-def _multi_rank() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def make_batch(s: TrainingSession, groups: Optional[List[Group]]) -> TrainBatch:
-    from dapo_megatron.megatron.batching import broadcast_batch
-
+def make_batch(s: TrainingSession, groups: Optional[List[Group]]) -> StepShard:
+    """Rank 0 builds the step's batch and plans it once; each DP replica receives only its rows
+    (``megatron/dispatch.py``). Returns this rank's shard."""
     batch = None
     if s.rank0:
         a = s.cfg.algo
@@ -126,29 +120,27 @@ def make_batch(s: TrainingSession, groups: Optional[List[Group]]) -> TrainBatch:
             groups, pad_id=s.tokenizer.pad_token_id or 0, norm_adv_by_std=a.norm_adv_by_std,
             adv_eps=a.adv_eps, overlong_filter=a.overlong_filter,
         )  # fmt: skip
-    return broadcast_batch(batch)
+    return s.actor.dispatch(batch)
 
 
-def old_logprobs(s: TrainingSession, batch: TrainBatch) -> Dict[str, float]:
-    """Recompute pi_old on the trainer (unless ``algo.use_rollout_logprobs``) and measure its gap to
-    the engine's log-probs. TIS itself is applied inside the actor's loss when ``algo.tis.enable``."""
+def old_logprobs(s: TrainingSession, shard: StepShard) -> Dict[str, float]:
+    """Recompute pi_old on each rank's own rows (unless ``algo.use_rollout_logprobs``) and measure its
+    gap to the engine's log-probs; only those scalars are reduced over the ranks. TIS itself is
+    applied inside the actor's loss when ``algo.tis.enable``."""
     if s.cfg.algo.use_rollout_logprobs:
         return {}
-    batch.old_logprobs = s.actor.compute_logprobs(batch, temperature=s.cfg.rollout.temperature)
-    _, tis = tis_weights(batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask, cap=s.cfg.algo.tis.cap)
-    tokens = max(float(tis["num_tokens"]), 1.0)
-    return {
-        "rollout/logprob_gap_mean": float(tis["mismatch_abs_sum"]) / tokens,
-        "rollout/logprob_gap_max": float(tis["mismatch_max"]),
-        "rollout/tis_capped_frac": float(tis["capped_sum"]) / tokens,
-    }
+    from megatron.core import parallel_state as ps
+
+    s.actor.fill_old_logprobs(shard, temperature=s.cfg.rollout.temperature)
+    return gap_stats(shard, cap=s.cfg.algo.tis.cap, last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
+                     groups=(ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()))  # fmt: skip
 
 
 def check_weights_arrived(s: TrainingSession, stats: Dict[str, float]) -> None:
     """The first step of a run (or of a resume): the engine sampled with the weights the trainer just
     pushed, so its log-probs of its own samples must match the trainer's recomputation up to numerics.
     A larger gap means the weights did not arrive (or arrived wrong): stop before training on them.
-    Every rank holds the same batch and stats, so every rank decides the same."""
+    The gap stats are reduced over every rank, so every rank decides the same."""
     if "rollout/logprob_gap_mean" not in stats or s.cfg.run.replay_rollouts:
         return  # the trainer reuses the rollout log-probs, or replays dumped steps: nothing to compare
     gap, worst, bound = (
@@ -167,7 +159,7 @@ def check_weights_arrived(s: TrainingSession, stats: Dict[str, float]) -> None:
         )
 
 
-def train_actor(s: TrainingSession, batch: TrainBatch) -> Dict[str, float]:
+def train_actor(s: TrainingSession, batch: StepShard) -> Dict[str, float]:
     out = metrics_of("actor", s.actor.train_step(batch, temperature=s.cfg.rollout.temperature))
     out["actor/tokens_per_s"] = out["actor/num_tokens"] / max(out["actor/time_total_s"], 1e-9)
     return out
@@ -227,9 +219,15 @@ def save_step(s: TrainingSession, step: int) -> None:
         sync_engines(s, version=step)
 
 
-def run_eval(s: TrainingSession) -> Dict[str, float]:
-    """Rank 0: avg@k on ``data.eval_files`` with the engines' current weights (``{}`` without eval data)."""
-    if not s.rank0 or s.eval_data is None:  # None also when replaying (no engines)
+def run_eval(s: TrainingSession, step: int) -> Dict[str, float]:
+    """Rank 0: avg@k on ``data.eval_files`` with the engines' current weights (``{}`` without eval data).
+    The other ranks wait for it on the rendezvous store (an eval may outlast the collective timeout)."""
+    out = rank0_then_all(world_store(), f"dapo/eval/{step}", s.rank0, lambda: _eval_rank0(s), what="evaluation")
+    return out or {}
+
+
+def _eval_rank0(s: TrainingSession) -> Dict[str, float]:
+    if s.eval_data is None:  # None also when replaying (no engines)
         return {}
     r = s.cfg.rollout
     data, ids = s.eval_data

@@ -1,8 +1,9 @@
 """The Megatron actor: log-probs, DAPO updates and supervised updates on megatron-core.
 
-One :class:`MegatronActor` lives on every trainer rank (SPMD). Every public method is collective:
-all ranks call it with the same full batch (rank 0 broadcasts it first, see
-:func:`dapo_megatron.megatron.batching.broadcast_batch`) and all ranks return the same result.
+One :class:`MegatronActor` lives on every trainer rank (SPMD). Every public method is collective.
+A step reaches the actor as each rank's :class:`~dapo_megatron.megatron.dispatch.StepShard` (rank 0
+plans it and sends each DP replica only its rows: :meth:`MegatronActor.dispatch`), or as the full
+batch held by every rank; all ranks return the same metrics.
 
 Path of one update (architecture habit 3: loop -> ``train_step`` -> schedule -> ``algo`` loss)::
 
@@ -27,7 +28,7 @@ import importlib.util
 import math
 import time
 from functools import partial
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ from dapo_megatron.algo.policy_loss import aggregate_loss, policy_loss
 from dapo_megatron.algo.tis import tis_weights
 from dapo_megatron.config import AlgoConfig, ModelConfig, OptimConfig, TrainConfig
 from dapo_megatron.megatron.batching import MicroBatch, MiniBatchPlan, plan_minibatches
+from dapo_megatron.megatron.dispatch import StepShard, dispatch_step, plan_step
 from dapo_megatron.megatron.loss_scaling import CALCULATE_PER_TOKEN_LOSS, scale_loss
 from dapo_megatron.megatron.offload import StateOffloader, grad_tensors, model_tensors, optimizer_tensors
 from dapo_megatron.megatron.optim import build_optimizer
@@ -453,15 +455,43 @@ class MegatronActor:
             dist.all_reduce(wire, group=group)
         return wire.cpu()
 
-    def _old_logprobs(self, batch: TrainBatch, temperature: float, times: Dict) -> Tensor:
-        if self.algo_cfg.use_rollout_logprobs:
-            return batch.rollout_logprobs
-        if batch.old_logprobs is not None:
-            return batch.old_logprobs
-        start = time.perf_counter()
-        old = self.compute_logprobs(batch, temperature=temperature)
-        times["time_logprob_s"] = time.perf_counter() - start
-        return old
+    def plan_step(self, batch: TrainBatch) -> List[StepShard]:
+        """Every DP replica's :class:`StepShard` of ``batch`` (pure; rank 0 plans for all)."""
+        return plan_step(
+            batch, dp_size=self._dp()[1], prompts_per_update=self.train_cfg.ppo_mini_batch_size,
+            micro_batch_size=self.train_cfg.micro_batch_size,
+            max_tokens_per_microbatch=self.train_cfg.max_tokens_per_microbatch,
+            microbatch_multiple=self.topology.pp if self.topology.vpp > 1 else 1,
+            use_rollout_logprobs=self.algo_cfg.use_rollout_logprobs,
+        )  # fmt: skip
+
+    def dispatch(self, batch: Optional[TrainBatch]) -> StepShard:
+        """Collective: this rank's shard of global rank 0's ``batch`` (``None`` on other ranks).
+        Each DP replica receives only its rows (see ``megatron/dispatch.py``)."""
+        ps = self._ps
+        mp_group = ps.get_model_parallel_group()
+        return dispatch_step(
+            batch, self.plan_step, dp_rank=ps.get_data_parallel_rank(),
+            dp_sources=dist.get_process_group_ranks(ps.get_data_parallel_group()),
+            mp_group=mp_group, mp_ranks=dist.get_process_group_ranks(mp_group),
+            device=self._device or torch.device("cpu"),
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def fill_old_logprobs(self, shard: StepShard, *, temperature: float) -> None:
+        """Recompute pi_old into ``shard``'s micro-batches, on this rank's rows only, with the very
+        micro-batches the updates use. The last PP stage fills them (other stages compute no loss)."""
+        for m in self._ddp:
+            m.eval()
+        out = torch.zeros((max(shard.num_local_rows, 1), max(mb.tokens.shape[1] for mb in shard.microbatches)))
+        for plan in shard.plans:  # _logprob_func writes out[local row] (MicroBatch.rows are local)
+            self._run_schedule(plan, lambda mb: self._logprob_func(mb, out, temperature), forward_only=True)
+        for m in self._ddp:
+            m.train()
+        for mb in shard.microbatches:
+            if int(mb.rows[0]) >= 0:  # a dummy micro-batch keeps its zeros
+                mb.old_logprobs = out[mb.rows.cpu(), : mb.tokens.shape[1]].to(mb.tokens.device)
+        shard.old_from = "recomputed"
 
     def _update(self, plan: MiniBatchPlan, make_loss_func: Callable, times: Dict) -> Dict[str, float]:
         """One optimizer update over ``plan``: zero grads, schedule, reduce stats, guarded step."""
@@ -478,24 +508,27 @@ class MegatronActor:
             self.skipped_updates_total += 1
         return {**stats, "grad_norm": grad_norm, "stepped": float(stepped), "lr": lr}
 
-    def train_step(self, batch: TrainBatch, *, temperature: float) -> Dict[str, float]:
+    def train_step(self, batch: TrainBatch | StepShard, *, temperature: float) -> Dict[str, float]:
         """DAPO updates over one rollout step: ``ppo_epochs`` passes over its mini-batches.
 
-        Old log-probs: ``batch.rollout_logprobs`` when ``algo_cfg.use_rollout_logprobs``, else
-        ``batch.old_logprobs``, else recomputed here. Returns the same dict on every rank (see
-        :func:`summarize_updates` for the keys).
+        ``batch``: this rank's :class:`StepShard` (from :meth:`dispatch`), or the full batch held by
+        every rank (planned here, no communication). Old log-probs: ``rollout_logprobs`` when
+        ``algo_cfg.use_rollout_logprobs``, else the batch's ``old_logprobs``, else recomputed here
+        on this rank's rows. Returns the same dict on every rank (see :func:`summarize_updates`).
         """
         start = time.perf_counter()
         times: Dict[str, float] = {}
-        old = self._old_logprobs(batch, temperature, times)
-        plans = self._plans(batch, old, self.train_cfg.ppo_mini_batch_size)
+        shard = batch if isinstance(batch, StepShard) else self.plan_step(batch)[self._dp()[0]]
+        if shard.old_from == "recompute":
+            self.fill_old_logprobs(shard, temperature=temperature)
+            times["time_logprob_s"] = time.perf_counter() - start
         updates = []
         for _ in range(self.train_cfg.ppo_epochs):
-            for plan in plans:
+            for plan in shard.plans:
                 make = partial(self._policy_loss_func, plan=plan, temperature=temperature)
                 updates.append(self._update(plan, make, times))
         times["time_total_s"] = time.perf_counter() - start
-        return {**summarize_updates(updates, batch), **times}
+        return {**summarize_updates(updates, shard.num_tokens), **times}
 
     def sft_step(self, tokens: Tensor, loss_mask: Tensor) -> Dict[str, float]:
         """One supervised update: token-mean cross-entropy of ``tokens`` ``[B, T]`` where ``loss_mask``.
@@ -529,12 +562,12 @@ def _accumulate(acc: Dict, stats: Dict[str, Tensor], **extra: Tensor) -> None:
             acc[k] = acc.get(k, 0.0) + v
 
 
-def summarize_updates(updates: List[Dict[str, float]], batch: TrainBatch) -> Dict[str, float]:
+def summarize_updates(updates: List[Dict[str, float]], num_tokens: float) -> Dict[str, float]:
     """Step metrics from per-update global stats.
 
     ``loss``/``grad_norm``: means over updates (grad_norm over the applied ones; nan if none).
     Fractions, ``approx_kl``, ``ratio_mean``, ``entropy``: token-weighted over all updates.
-    ``lr``: of the last update. ``num_tokens``: response tokens in the batch.
+    ``lr``: of the last update. ``num_tokens``: response tokens of the whole step (the argument).
     """
     tokens = max(sum(u["num_tokens"] for u in updates), 1.0)
     applied = [u["grad_norm"] for u in updates if u["stepped"]]
@@ -550,7 +583,7 @@ def summarize_updates(updates: List[Dict[str, float]], batch: TrainBatch) -> Dic
         "ratio_max": max((u["ratio_max"] for u in updates), default=0.0),
         "entropy": sum(u["entropy_sum"] for u in updates) / tokens,
         "lr": updates[-1]["lr"] if updates else float("nan"),
-        "num_tokens": float((batch.loss_mask != 0).sum()),
+        "num_tokens": float(num_tokens),
         "skipped_updates": float(sum(1 for u in updates if not u["stepped"])),
         "updates": float(len(updates)),
     }

@@ -4,8 +4,8 @@ Order of the split (each level keeps the previous one's invariants):
 
 1. **Mini-batches** (one optimizer update each): consecutive prompt groups, ``prompts_per_update``
    groups x G rows. The global denominators of the loss (response tokens, non-empty sequences) are
-   computed here, over the whole mini-batch, before any further split -- every rank holds the full
-   batch (see :func:`broadcast_batch`), so every rank knows them without communication.
+   computed here, over the whole mini-batch, before any further split (rank 0 plans the step and
+   sends them with each replica's rows: :mod:`dapo_megatron.megatron.dispatch`).
 2. **DP ranks**: rows balanced by length with ``data.packing.balance_across_ranks``, keeping a
    prompt group on one rank when all groups have the same size.
 3. **Micro-batches**: ``micro_batch_size`` rows each, or bins under ``max_tokens_per_microbatch``
@@ -228,34 +228,3 @@ def plan_minibatches(
         mbs = [make_microbatch(batch, r, lengths, old) for r in per_rank[dp_rank]]
         plans.append(MiniBatchPlan(mbs, global_num_tokens=tokens, global_num_seqs=seqs, num_rows=len(rows)))
     return plans
-
-
-_FIELDS = ("tokens", "loss_mask", "advantages", "rollout_logprobs", "seq_group", "old_logprobs")
-
-
-def broadcast_batch(batch: Optional[TrainBatch], src: int = 0, group=None) -> TrainBatch:
-    """Send ``batch`` from global rank ``src`` to every rank of ``group`` (default: world).
-
-    Other ranks may pass ``None``. Shapes and dtypes travel first as a small object, then one
-    ``broadcast`` per tensor. Returns the batch on every rank (the same object on ``src``).
-    """
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        if batch is None:
-            raise ValueError("broadcast_batch: no batch and no process group to receive one from")
-        return batch
-    is_src = dist.get_rank() == src
-    meta = [None]
-    if is_src:
-        meta[0] = {name: (tuple(v.shape), v.dtype) for name in _FIELDS if (v := getattr(batch, name)) is not None}
-    dist.broadcast_object_list(meta, src=src, group=group)
-    received = {}
-    for name in _FIELDS:
-        if name not in meta[0]:
-            continue
-        shape, dtype = meta[0][name]
-        t = getattr(batch, name).contiguous() if is_src else torch.empty(shape, dtype=dtype)
-        dist.broadcast(t, src=src, group=group)
-        received[name] = t
-    return batch if is_src else TrainBatch(**received)
