@@ -29,6 +29,7 @@ the refusal; every other start failure fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -87,6 +88,7 @@ class NetnsSlurm(LocalSlurm):
         self.octet = 0
         self.made_netns: List[str] = []
         self.made_bridge = False
+        self.made_etc_netns = False
 
     # ----- addresses -----------------------------------------------------------------------------
     def netns(self, node: str) -> str:
@@ -127,6 +129,10 @@ class NetnsSlurm(LocalSlurm):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
             shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
         self.made_netns = []
+        if self.made_etc_netns:  # /etc/netns was ours: leave /etc as it was
+            with contextlib.suppress(OSError):
+                os.rmdir("/etc/netns")
+            self.made_etc_netns = False
         if self.made_bridge:
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
             self.made_bridge = False
@@ -165,6 +171,7 @@ class NetnsSlurm(LocalSlurm):
     def _write_hosts(self, node: str) -> None:
         """/etc/netns/<ns>/hosts: every node's name (also each node's hostname, see :meth:`_slurmd_argv`)."""
         folder = f"/etc/netns/{self.netns(node)}"
+        self.made_etc_netns = self.made_etc_netns or not os.path.isdir("/etc/netns")
         os.makedirs(folder, exist_ok=True)
         lines = ["127.0.0.1 localhost", *(f"{self.address(n)} {n}" for n in self.nodes)]
         with open(os.path.join(folder, "hosts"), "w") as f:
