@@ -94,3 +94,38 @@ def test_offload_releases_cuda_memory():
     assert a0 - a1 >= 0.99 * m1 and a1 - a2 >= 0.99 * m2, r["memory"]  # allocator blocks round up (512 B)
     assert r2 <= r0 - 0.99 * (m1 + m2), r["memory"]  # empty_cache gave the blocks back to the driver
     assert abs(a3 - a0) <= 0.01 * (m1 + m2) + (1 << 20), r["memory"]
+
+
+def test_two_rank_distributed_optimizer_run_with_offload_is_bitwise_identical(tmp_path):
+    """The same comparison at DP2 with the distributed optimizer (its fp32 shards and Adam state split
+    over the ranks), launched by torchrun: the barriers of the sync and of the mid-run save hold."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from dapo_megatron.observability.sinks import read_metrics
+    from tests.cli_runs import TINY, cli_env, run_cli, write_demo_assets
+    from tests.distributed_harness import free_port
+
+    assets = write_demo_assets(tmp_path / "assets")
+    runs = {}
+    for offload in ("true", "false"):
+        run = tmp_path / f"offload_{offload}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "dapo_megatron", "train", "--config", TINY, f"run.dir={run}", "rollout.mode=colocated",
+               "parallel.use_distributed_optimizer=true", f"rollout.offload_trainer={offload}",
+               "train.total_steps=3", "run.save_every=2", "run.eval_every=0"]  # fmt: skip
+        env = cli_env(assets)
+        env.pop("MASTER_PORT", None)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        out = tmp_path / f"export_{offload}"
+        run_cli(assets, "export", "--ckpt", str(run / "checkpoints" / "step_000003"), "--hf-dir",
+                str(assets / "model"), "--out", str(out), "--dtype", "float32", "--no-progress")  # fmt: skip
+        runs[offload] = (read_metrics(str(run)), load_file(str(next(out.glob("*.safetensors")))))
+    (m_on, w_on), (m_off, w_off) = runs["true"], runs["false"]
+    assert [r["step"] for r in m_on] == [1, 2, 3]
+    assert all(r["memory/trainer_offloaded_gib"] > 0 for r in m_on), "the offload did not run"
+    assert _comparable(m_on) == _comparable(m_off)
+    assert w_on.keys() == w_off.keys() and all(torch.equal(w_on[k], w_off[k]) for k in w_on)
