@@ -1,6 +1,7 @@
 """The per-stage weight sync on real SGLang CPU servers: `dapo-megatron train` with 2 trainer ranks at PP=2
-(torchrun), disaggregated, where each pipeline stage's leader streams its own layers to the server over
-its own ``update_weights_from_distributed`` group while the other stage does the same.
+(torchrun), where each pipeline stage's leader streams its own layers to the server while the other
+stage does the same: disaggregated over its own ``update_weights_from_distributed`` group, colocated by
+POSTing ``update_weights_from_tensor`` itself.
 
 What it proves, per step: both stage leaders sent, and each sent exactly the bytes of the layers its
 stage owns (computed here from the model's config, not from the sender); the server serves the step's
@@ -42,7 +43,12 @@ def _stage_bytes(model_dir: str, pp: int) -> dict:
     return out
 
 
-def test_pp2_stages_send_their_own_layers_in_parallel(tmp_path):
+@pytest.mark.parametrize(
+    "mode,route", [("disaggregated", "update_weights_from_distributed"), ("colocated", "update_weights_from_tensor")]
+)
+def test_pp2_stages_send_their_own_layers_in_parallel(tmp_path, mode, route):
+    """disaggregated: each leader broadcasts over its own gloo group; colocated: each leader POSTs its
+    tensors itself (shared-memory files on CPU, CUDA IPC handles on a GPU)."""
     import subprocess
 
     assets = write_demo_assets(tmp_path / "assets")
@@ -51,7 +57,7 @@ def test_pp2_stages_send_their_own_layers_in_parallel(tmp_path):
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
             "-m", "dapo_megatron", "train", "--config", TINY, f"run.dir={run_dir}", "rollout.engine=sglang",
             f"rollout.sglang_python={SGLANG_PYTHON}", f"train.total_steps={STEPS}", "run.eval_every=0",
-            "rollout.mode=disaggregated", "rollout.num_engines=1", "parallel.pipeline=2"]  # fmt: skip
+            f"rollout.mode={mode}", "rollout.num_engines=1", "parallel.pipeline=2"]  # fmt: skip
     done = subprocess.run(args, env=cli_env(assets), capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, f"train failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert "weight check (first step)" in done.stdout  # the gap was within rollout.weight_check_max_gap
@@ -66,28 +72,30 @@ def test_pp2_stages_send_their_own_layers_in_parallel(tmp_path):
         assert r["sync/bytes"] == expected[0] + expected[1]
         assert r["sync/weight_version"] == r["step"]
         assert r["rollout/logprob_gap_mean"] <= GAP_BOUND, r
-    _check_server_log(run_dir, syncs=STEPS + 1)  # the initial push before step 1, then one per step
-    print(f"PP=2 per-stage sync: stage bytes {expected}, per-step seconds "
+    _check_server_log(run_dir, route, min_syncs=STEPS + 1)  # the initial push before step 1, then one per step
+    print(f"PP=2 per-stage sync, {mode}: stage bytes {expected}, per-step seconds "
           f"{[(r['sync/seconds_stage0'], r['sync/seconds_stage1']) for r in steps]}")  # fmt: skip
 
 
-def _check_server_log(run_dir, *, syncs: int) -> None:
-    """The server's request log: every sync is begin -> buckets of both stages' groups -> end -> one
-    version stamp, and no stamp falls between buckets."""
+def _check_server_log(run_dir, route: str, *, min_syncs: int) -> None:
+    """The server's request log: every sync is begin -> buckets of both stages -> end -> one version
+    stamp, and no stamp falls between buckets. (Colocated runs sync once more after each save, when the
+    trainer took the devices back, so the count is a lower bound.)"""
     logs = sorted((run_dir / "logs").glob("sglang*.log"))
     assert logs, list((run_dir / "logs").iterdir())
     text = "\n".join(p.read_text(errors="replace") for p in logs)
-    events = re.findall(r'"POST /(begin_weight_update|update_weights_from_distributed|end_weight_update|'
-                        r'update_weight_version) HTTP', text)  # fmt: skip
-    assert events.count("update_weight_version") == syncs, events
-    assert events.count("begin_weight_update") == syncs, events
+    events = re.findall(rf'"POST /(begin_weight_update|{route}|end_weight_update|update_weight_version) HTTP', text)
+    syncs = events.count("begin_weight_update")
+    assert syncs >= min_syncs and events.count("update_weight_version") == syncs, events
     i = 0
     for _ in range(syncs):
         assert events[i] == "begin_weight_update", events[i:]
         j = events.index("end_weight_update", i)
         assert j - i - 1 >= 2, events[i:j]  # at least one bucket from each stage
-        assert set(events[i + 1 : j]) == {"update_weights_from_distributed"}
+        assert set(events[i + 1 : j]) == {route}
         assert events[j + 1] == "update_weight_version", events[j:]
         i = j + 2
-    groups = set(re.findall(r"group_name=(dapo_pp\d+_w\d+)", text))
-    assert groups == {"dapo_pp0_w0", "dapo_pp1_w0"}, groups  # one update group per stage leader
+    assert i == len(events), events[i:]  # nothing after the last stamp
+    if route == "update_weights_from_distributed":
+        groups = set(re.findall(r"group_name=(dapo_pp\d+_w\d+)", text))
+        assert groups == {"dapo_pp0_w0", "dapo_pp1_w0"}, groups  # one update group per stage leader

@@ -93,6 +93,11 @@ def connect_stage_link(engines: List[Any], *, backend: str, timeout_s: float = 3
     if info["enabled"] and info["transport"] == "tensor" and any(h not in (None, info["host"]) for h in hosts):
         info = {"enabled": False, "reason": "a stage leader is not on the servers' host: CUDA IPC cannot reach it"}
     link = StageLink(enabled=info["enabled"], role=role, reason=info.get("reason", ""))
+    if dist.get_rank() == 0:  # say once which path the run's weight syncs take, and why
+        if link.enabled:
+            print(f"weight sync: from each of {role.pp} pipeline stage(s) in parallel, {info['transport']} transport")
+        else:
+            print(f"weight sync: gathered to rank 0 ({link.reason})", flush=True)
     if not link.enabled:
         return link
     for stage in range(role.pp):  # one stage at a time: see the module docstring

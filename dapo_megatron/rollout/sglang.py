@@ -312,8 +312,12 @@ class SGLangEngine:
         bucket: :meth:`begin_weight_sync` flushed the paused engine, which caches nothing until
         :meth:`finish_weight_sync` continues it."""
         if self.transport == "tensor":
+            # Share copies, never the trainer's own storages: sharing moves a CPU storage into a
+            # shared-memory file in place (and exports a CUDA block by IPC), after which the trainer's
+            # offload can no longer free it (resizing such a storage crashes the process).
+            copies = [(name, t.detach().clone()) for name, t in bucket]
             payload = api.update_weights_from_tensor(
-                api.serialize_named_tensors(bucket), version=version, tp_size=self.engine_tp, flush_cache=False
+                api.serialize_named_tensors(copies), version=version, tp_size=self.engine_tp, flush_cache=False
             )
             for res in await self._control("POST", "/update_weights_from_tensor", payload):
                 api.parse_success(res, "update_weights_from_tensor")
