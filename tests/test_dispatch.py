@@ -160,3 +160,25 @@ def test_bytes_received_per_rank_fall_as_one_over_dp(world):
             assert p["received"] >= 0.8 * whole / dp, (name, p["received"], whole, dp)
         print(f"[measured] world {world} {name}: bytes received per rank {[p['received'] for p in per_rank]}, "
               f"whole step {whole} B")  # fmt: skip
+
+
+def test_gap_stats_are_the_former_whole_batch_numbers():
+    """The logged gap and TIS scalars from the shard's micro-batches (one replica, nothing to reduce)
+    are the ones ``tis_weights`` gave over the whole ``[B, T]`` batch; a stage without the log-probs
+    (not the last) adds nothing."""
+    from dapo_megatron.algo.tis import tis_weights
+    from dapo_megatron.megatron.dispatch import gap_stats
+
+    batch = _batch()
+    wiggle = 0.3 * torch.sin(torch.arange(batch.tokens.numel()).view(batch.tokens.shape).float())
+    old = batch.rollout_logprobs + wiggle * (batch.loss_mask != 0)
+    (shard,) = plan_step(replace(batch, old_logprobs=old), dp_size=1, prompts_per_update=2, micro_batch_size=2)
+    got = gap_stats(shard, cap=1.2, groups=(), last_stage=True)
+    _, tis = tis_weights(old, batch.rollout_logprobs, batch.loss_mask, cap=1.2)
+    tokens = float(tis["num_tokens"])
+    assert 0 < float(tis["capped_sum"]) < tokens  # both sides of the cap occur
+    assert got["rollout/logprob_gap_mean"] == pytest.approx(float(tis["mismatch_abs_sum"]) / tokens, rel=1e-6)
+    assert got["rollout/logprob_gap_max"] == float(tis["mismatch_max"])
+    assert got["rollout/tis_capped_frac"] == float(tis["capped_sum"]) / tokens
+    idle = gap_stats(shard, cap=1.2, groups=(), last_stage=False)
+    assert all(v == 0.0 for v in idle.values())
