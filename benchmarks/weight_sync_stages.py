@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Weight sync at PP=2 on CPU: gather-to-rank-0 then send, against every stage sending its own layers.
 
-    python benchmarks/weight_sync_stages.py [--layers 10] [--hidden 768] [--bucket-mb 64] [--repeats 3]
+    python benchmarks/weight_sync_stages.py [--layers 12] [--hidden 768] [--bucket-mb 64] [--repeats 3]
 
 Two trainer ranks (gloo, real megatron-core, PP=2, TP=1) hold a random ~100M-parameter Qwen2-shaped
-model (fp32; 10 layers of hidden 768 / ffn 2048 / 12 heads, 4 KV groups, untied 16000-token vocab).
+model (fp32; 12 layers of hidden 768 / ffn 2048 / 12 heads, 4 KV groups, untied 16000-token vocab).
 The engine is stood in for by a **gloo receiver process** (not an SGLang server: on this CPU a real
 server's per-bucket load would dominate and hide the trainer side; the test
 ``tests/test_weight_sync_stages.py`` covers real servers). It joins one update group per sender,
@@ -145,7 +145,7 @@ def trainer(rank: int, port: int, ports: dict, args, out) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=10)
+    p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--bucket-mb", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
