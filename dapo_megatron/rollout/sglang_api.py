@@ -285,9 +285,7 @@ def serialize_named_tensors(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def update_weights_from_tensor(
-    payload: str, *, version: Optional[int], tp_size: int, flush_cache: bool = True
-) -> Json:
+def update_weights_from_tensor(payload: str, *, version: Optional[int], tp_size: int, flush_cache: bool = True) -> Json:
     """``UpdateWeightsFromTensorReqInput`` (default load format: a list of named tensors) with one copy
     of ``payload`` (:func:`serialize_named_tensors`) per engine TP rank; ``version`` None: no stamp."""
     return {
