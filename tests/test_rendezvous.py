@@ -62,3 +62,31 @@ def test_busy_explicit_master_port_is_a_named_one_line_error(assets, tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert "rendezvous" in done.stderr and f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}" in done.stderr
+
+
+_REINIT = """
+import os, sys
+from dapo_megatron.parallel.init import init_distributed, init_model_parallel, shutdown
+from dapo_megatron.parallel.topology import Topology
+for _ in range(2):
+    env = init_distributed()
+    init_model_parallel(Topology(world_size=1, tp=1, pp=1), seed=0)
+    print(env.master_port, flush=True)
+    shutdown()
+"""
+
+
+def test_a_second_init_in_one_process_on_the_same_master_port_works():
+    """The demo initialises twice in one process (warm-up, then DAPO). megatron's groups keep the first
+    store alive after shutdown, so the second rendezvous on an explicit MASTER_PORT must reuse its
+    server instead of failing to bind the port it already holds."""
+    import os
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(port))
+    done = subprocess.run([sys.executable, "-c", _REINIT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(port), str(port)]

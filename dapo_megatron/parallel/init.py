@@ -283,6 +283,10 @@ def _rendezvous(env: DistEnv, backend: str, timeout: timedelta, rendezvous_timeo
         env.rank == 0,
         timeout=rendezvous_timeout,
         wait_for_workers=False,  # ranks meet in init_process_group's first use of the store
+        # One server per port per process, as torch's env:// rendezvous does: megatron's groups keep
+        # the first store alive after shutdown(), and a second init in the same process on the same
+        # MASTER_PORT (the demo: warm-up, then DAPO) must reuse it, not fail to bind.
+        multi_tenant=True,
     )
     # Gloo connects its full mesh at creation under the group's timeout: create it under the
     # rendezvous timeout (ranks may still be starting), then lower it to the collective one.
