@@ -24,7 +24,7 @@ dummy row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -194,6 +194,33 @@ def pad_microbatch(mb: MicroBatch, rows: int, cols: int) -> MicroBatch:
     )
 
 
+def split_minibatch(
+    batch: TrainBatch,
+    rows: Sequence[int],
+    lengths: Tensor,
+    *,
+    dp_size: int,
+    micro_batch_size: int,
+    max_tokens_per_microbatch: int,
+    microbatch_multiple: int,
+) -> Tuple[int, int, List[List[List[int]]]]:
+    """One mini-batch's global denominators and its rows per DP rank per micro-batch.
+
+    Returns ``(tokens, seqs, split)``: response tokens and sequences over all DP ranks (the loss
+    normalisers), and ``split[d]`` the micro-batches (row lists) of DP rank ``d``. The one place the
+    split is made, so a rank planning for itself and rank 0 planning for every rank agree.
+    """
+    tokens, seqs = global_denominators(batch.loss_mask, rows)
+    split = split_microbatches(
+        assign_ranks(rows, lengths, batch.seq_group, dp_size),
+        lengths,
+        micro_batch_size=micro_batch_size,
+        max_tokens_per_microbatch=max_tokens_per_microbatch,
+        microbatch_multiple=microbatch_multiple,
+    )
+    return tokens, seqs, split
+
+
 def plan_minibatches(
     batch: TrainBatch,
     *,
@@ -217,14 +244,10 @@ def plan_minibatches(
         minis = split_minibatches(batch.seq_group, prompts_per_update)
     plans = []
     for rows in minis:
-        tokens, seqs = global_denominators(batch.loss_mask, rows)
-        per_rank = split_microbatches(
-            assign_ranks(rows, lengths, batch.seq_group, dp_size),
-            lengths,
-            micro_batch_size=micro_batch_size,
-            max_tokens_per_microbatch=max_tokens_per_microbatch,
-            microbatch_multiple=microbatch_multiple,
-        )
+        tokens, seqs, per_rank = split_minibatch(
+            batch, rows, lengths, dp_size=dp_size, micro_batch_size=micro_batch_size,
+            max_tokens_per_microbatch=max_tokens_per_microbatch, microbatch_multiple=microbatch_multiple,
+        )  # fmt: skip
         mbs = [make_microbatch(batch, r, lengths, old) for r in per_rank[dp_rank]]
         plans.append(MiniBatchPlan(mbs, global_num_tokens=tokens, global_num_seqs=seqs, num_rows=len(rows)))
     return plans

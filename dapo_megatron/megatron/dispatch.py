@@ -39,11 +39,9 @@ from dapo_megatron.megatron.batching import (
     DUMMY_ROW,
     MicroBatch,
     MiniBatchPlan,
-    assign_ranks,
-    global_denominators,
     make_microbatch,
     sequence_lengths,
-    split_microbatches,
+    split_minibatch,
     split_minibatches,
 )
 from dapo_megatron.types import TrainBatch
@@ -113,14 +111,10 @@ def plan_step(
     lengths = sequence_lengths(batch)
     per_rank: List[List[MiniBatchPlan]] = [[] for _ in range(dp_size)]
     for rows in split_minibatches(batch.seq_group, prompts_per_update):
-        tokens, seqs = global_denominators(batch.loss_mask, rows)
-        split = split_microbatches(
-            assign_ranks(rows, lengths, batch.seq_group, dp_size),
-            lengths,
-            micro_batch_size=micro_batch_size,
-            max_tokens_per_microbatch=max_tokens_per_microbatch,
-            microbatch_multiple=microbatch_multiple,
-        )
+        tokens, seqs, split = split_minibatch(
+            batch, rows, lengths, dp_size=dp_size, micro_batch_size=micro_batch_size,
+            max_tokens_per_microbatch=max_tokens_per_microbatch, microbatch_multiple=microbatch_multiple,
+        )  # fmt: skip
         for d in range(dp_size):
             mbs = [make_microbatch(batch, r, lengths, old) for r in split[d]]
             per_rank[d].append(MiniBatchPlan(mbs, global_num_tokens=tokens, global_num_seqs=seqs, num_rows=len(rows)))
