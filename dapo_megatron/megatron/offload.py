@@ -69,9 +69,6 @@ class StateOffloader:
         """Device bytes freed now (0 when everything is on the device)."""
         return sum(h.nbytes for h in self._held.values())
 
-    def is_held(self, t: Tensor) -> bool:
-        return _key(t.untyped_storage()) in self._held
-
     def offload(self, tensors: Iterable[Tensor], *, keep_contents: bool = True, skip: Iterable[Tensor] = ()) -> int:
         """Free the device storage of every tensor of ``tensors`` (except those sharing a storage
         with ``skip``); copy its bytes to host first when ``keep_contents``. Returns bytes freed."""
