@@ -166,6 +166,11 @@ class LocalSlurm:
         except subprocess.TimeoutExpired:
             return
 
+    def leftovers(self) -> List[str]:
+        """What the cluster made besides its processes and still finds after :meth:`stop`: nothing
+        here (its folder goes with :meth:`cleanup`); subclasses that make more say so."""
+        return []
+
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -375,23 +380,37 @@ def submit_and_wait(
     raise SlurmJobError(f"timed out after {timeout_s:.0f} s (cancelled)\n" + job_report(job_id, record))
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A running single-node cluster for the session; its daemons are stopped by PID afterwards."""
-    cluster = LocalSlurm()
+def start_or_fail(cluster: LocalSlurm, what: str, *, passthrough: Tuple[type, ...] = ()) -> None:
+    """Start ``cluster``; when that fails, stop whatever started, clean up and fail the test naming
+    ``what`` and any surviving PIDs. Exceptions of a ``passthrough`` type propagate (after the same
+    cleanup) for the caller to handle."""
     try:
         cluster.start()
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         survivors = cluster.stop()
         cluster.cleanup()
-        pytest.fail(
-            f"could not start the local SLURM cluster: {e}" + (f" (left PIDs {survivors})" if survivors else ""),
-            pytrace=False,
-        )
-    yield cluster
+        if isinstance(e, passthrough):
+            raise
+        pytest.fail(f"could not start {what}: {e}" + (f" (left PIDs {survivors})" if survivors else ""), pytrace=False)
+
+
+def stop_and_check(cluster: LocalSlurm) -> List[str]:
+    """Stop ``cluster`` by PID; assert no daemon survived. Returns ``cluster.leftovers()`` (what the
+    cluster made besides processes and still finds), measured before the cleanup removes it."""
     survivors = cluster.stop()
+    left = cluster.leftovers()
     cluster.cleanup()
     assert not survivors, f"SLURM daemons still alive after stop: PIDs {survivors}"
+    return left
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running single-node cluster for the session; its daemons are stopped by PID afterwards."""
+    cluster = LocalSlurm()
+    start_or_fail(cluster, "the local SLURM cluster")
+    yield cluster
+    stop_and_check(cluster)
 
 
 if __name__ == "__main__":  # manual use: python tests/slurm_cluster.py -> start, print sinfo, stop

@@ -36,7 +36,7 @@ import subprocess
 from typing import List, Optional, Sequence
 
 import pytest
-from slurm_cluster import LocalSlurm, _which
+from slurm_cluster import LocalSlurm, _which, start_or_fail, stop_and_check
 
 SUBNET_PREFIX = "10.77"
 BRIDGE_HOST = 254
@@ -214,24 +214,12 @@ def netns_cluster():
     """Three namespace nodes and one controller for the module; everything torn down by PID afterwards."""
     cluster = NetnsSlurm(nodes=3)
     try:
-        cluster.start()
+        start_or_fail(cluster, "the multi-node SLURM cluster", passthrough=(NetnsRefused,))
     except NetnsRefused as e:
-        cluster.stop()
-        cluster.cleanup()
         print(f"multi-node SLURM skipped: {e}")
         pytest.skip(f"network namespaces refused by the kernel: {e}")
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        survivors = cluster.stop()
-        cluster.cleanup()
-        pytest.fail(
-            f"could not start the multi-node SLURM cluster: {e}" + (f" (left PIDs {survivors})" if survivors else ""),
-            pytrace=False,
-        )
     yield cluster
-    survivors = cluster.stop()
-    left = cluster.leftovers()
-    cluster.cleanup()
-    assert not survivors, f"SLURM daemons still alive after stop: PIDs {survivors}"
+    left = stop_and_check(cluster)
     assert not left, f"network namespaces / links left after stop: {left}"
 
 

@@ -100,6 +100,19 @@ def _check_names_stay_inside(cluster):
             socket.gethostbyname(node)  # the root namespace cannot reach a node by name
 
 
+def _run_job(cluster, assets, tmp_path, script, *, nodes, port, extra, **env_extra):
+    """sbatch ``slurm/<script>`` on ``nodes`` CPU namespace nodes with the tiny SGLang config plus
+    ``extra`` overrides and rendezvous ``port``. Returns ``(run_dir, job_id, plan, report)``:
+    ``plan`` is the saved placement, ``report()`` the job's output and logs for assertion messages."""
+    run_dir = tmp_path / "run"
+    env = _job_env(tmp_path, RUN_DIR=str(run_dir), MASTER_PORT=str(port), DEMO_ASSETS=str(assets), CONFIG=TINY,
+                   **env_extra)  # fmt: skip
+    job_id = _submit(cluster, script, options=[f"--nodes={nodes}", *CPU_NODE], overrides=_overrides(*extra),
+                     env=env, tmp_path=tmp_path, run_dir=run_dir)  # fmt: skip
+    plan = json.loads((run_dir / "placement.json").read_text())
+    return run_dir, job_id, plan, lambda: _report(tmp_path, run_dir, cluster)
+
+
 @needs_sglang
 @pytest.mark.sglang  # real SGLang servers: tools/run_tests.sh runs these in its .venv-sglang pass
 @pytest.mark.slow
@@ -109,17 +122,8 @@ def test_disaggregated_sbatch_two_trainer_nodes_one_engine_node(netns_cluster, a
     one SGLang CPU server and the router on node3; weights go to node3 over the gloo update group at
     MASTER_ADDR=node1 every step."""
     cluster = netns_cluster
-    run_dir = tmp_path / "run"
-    env = _job_env(tmp_path, RUN_DIR=str(run_dir), MASTER_PORT="29611", DEMO_ASSETS=str(assets), CONFIG=TINY,
-                   ENGINE_NODES="1")  # fmt: skip
-    overrides = _overrides("rollout.num_engines=1")
-    job_id = _submit(cluster, "disaggregated.sbatch", options=["--nodes=3", *CPU_NODE], overrides=overrides,
-                     env=env, tmp_path=tmp_path, run_dir=run_dir)  # fmt: skip
-
-    def report():
-        return _report(tmp_path, run_dir, cluster)
-
-    plan = json.loads((run_dir / "placement.json").read_text())
+    run_dir, job_id, plan, report = _run_job(cluster, assets, tmp_path, "disaggregated.sbatch", nodes=3, port=29611,
+                                             extra=("rollout.num_engines=1",), ENGINE_NODES="1")  # fmt: skip
     assert plan["trainer_nodes"] == ["node1", "node2"] and plan["trainer_world_size"] == 2, plan
     assert [(e["node"], e["gpu_ids"]) for e in plan["engines"]] == [("node3", [])], plan
     assert plan["master_addr"] == "node1" and plan["router_host"] == "node3", plan
@@ -149,16 +153,8 @@ def test_multi_node_colocated_sbatch_tp2_across_two_nodes(netns_cluster, assets,
     """slurm/multi_node_colocated.sbatch on 2 namespace nodes: trainer TP2 across node1 and node2, one
     SGLang CPU server on each node and the router on node1; every step's weights reach both servers."""
     cluster = netns_cluster
-    run_dir = tmp_path / "run"
-    env = _job_env(tmp_path, RUN_DIR=str(run_dir), MASTER_PORT="29612", DEMO_ASSETS=str(assets), CONFIG=TINY)
-    overrides = _overrides("parallel.tensor=2")
-    job_id = _submit(cluster, "multi_node_colocated.sbatch", options=["--nodes=2", *CPU_NODE], overrides=overrides,
-                     env=env, tmp_path=tmp_path, run_dir=run_dir)  # fmt: skip
-
-    def report():
-        return _report(tmp_path, run_dir, cluster)
-
-    plan = json.loads((run_dir / "placement.json").read_text())
+    run_dir, job_id, plan, report = _run_job(cluster, assets, tmp_path, "multi_node_colocated.sbatch", nodes=2,
+                                             port=29612, extra=("parallel.tensor=2",))  # fmt: skip
     assert plan["trainer_nodes"] == ["node1", "node2"] and plan["trainer_world_size"] == 2, plan
     assert sorted(e["node"] for e in plan["engines"]) == ["node1", "node2"], plan
     output = (tmp_path / f"dapo-colocated-{job_id}.out").read_text()
