@@ -61,7 +61,7 @@ DEFAULT_MASTER_PORT = 29500
 # master_port of a lone process whose launcher set no MASTER_PORT: init_distributed binds any free one.
 ANY_FREE_PORT = 0
 # The library default of init_distributed; the trainer passes parallel.collective_timeout_s (whose
-# default, in config.py, says why it is an hour).
+# default, in config_model.py, says why it is an hour).
 DEFAULT_COLLECTIVE_TIMEOUT_S = 3600.0
 # How long ranks wait for each other at start-up (srun starts nodes within minutes of each other).
 RENDEZVOUS_TIMEOUT_S = 900.0
