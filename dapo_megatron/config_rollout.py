@@ -47,6 +47,10 @@ class RolloutConfig:
             and two PCIe copies per step. Off by default for now: with SGLang engines, a checkpoint
             step releases the engines right after a weight sync, and SGLang 0.5.23 refuses that
             (its scheduler asserts it is idle and exits); the embedded engine is tested with it on.
+        embedded_process: ``engine=embedded`` only: each embedded engine runs in a worker process of
+            its own (:mod:`dapo_megatron.rollout.embedded_worker`) instead of the trainer's, so its
+            decoding does not compete with the trainer for the GIL; weights reach it through shared
+            memory. Off by default for now.
     """
 
     engine: str = "embedded"
@@ -75,6 +79,7 @@ class RolloutConfig:
     server_start_timeout_s: float = 900.0
     weight_check_max_gap: float = 0.05
     offload_trainer: bool = False
+    embedded_process: bool = False
 
     def __post_init__(self) -> None:
         _choice(self.engine, "rollout.engine", ("embedded", "sglang", "vllm"))
@@ -82,6 +87,8 @@ class RolloutConfig:
         _check(self.sglang_max_total_tokens >= 0, "rollout.sglang_max_total_tokens", "must be >= 0 (0: automatic)")
         _check(self.server_start_timeout_s > 0, "rollout.server_start_timeout_s", "must be > 0")
         _check(self.weight_check_max_gap > 0, "rollout.weight_check_max_gap", "must be > 0")
+        _check(not self.embedded_process or self.engine == "embedded", "rollout.embedded_process",
+               f"is for rollout.engine=embedded only, got engine={self.engine!r}")  # fmt: skip
         _choice(self.mode, "rollout.mode", ("colocated", "disaggregated"))
         for name in (
             "num_engines",
