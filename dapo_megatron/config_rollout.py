@@ -47,6 +47,24 @@ class RolloutConfig:
             and two PCIe copies per step. Off by default for now: with SGLang engines, a checkpoint
             step releases the engines right after a weight sync, and SGLang 0.5.23 refuses that
             (its scheduler asserts it is idle and exits); the embedded engine is tested with it on.
+        max_staleness: K, asynchronous DAPO (``rollout/producer.py``). 0 is the synchronous loop
+            (generate, train, sync). K >= 1: while the actor trains step t, a producer keeps
+            generating the groups of step t + 1 with the weights of step t - 1; at the weight sync
+            in-flight generations are aborted keeping their tokens (partial rollouts) and continue
+            with the new weights. A sample is used at step t only if its oldest token came from
+            weights at most K versions behind the policy being trained (version t - 1); older groups
+            are dropped and older partial trajectories re-generated, both counted
+            (``async/stale_*``). Needs the off-policy correction: ``algo.tis.enable=true`` and
+            ``algo.use_rollout_logprobs=false`` (the engine's log-probs are the behaviour policy, the
+            recomputed old log-probs the proximal one). Placement: colocated engines on one device
+            cannot generate while the actor trains, so ``rollout.offload_trainer=true`` is refused;
+            colocated without offload keeps the engines' memory during training (only where memory
+            allows); disaggregated engines are the real target.
+        async_interleave: how the K >= 1 producer interleaves with training. ``overlap``: it runs
+            in a background thread while the actor trains and is interrupted by the weight sync
+            (timing decides where). ``fixed``: it runs in the foreground right after a batch is
+            taken, and each head-start request stops at a fixed point (half of
+            ``max_response_len`` tokens), so runs are reproducible (tests, lossless-resume checks).
         embedded_process: ``engine=embedded`` only: each embedded engine runs in a worker process of
             its own (:mod:`dapo_megatron.rollout.embedded_worker`) instead of the trainer's, so its
             decoding does not compete with the trainer for the GIL; weights reach it through shared
@@ -79,6 +97,8 @@ class RolloutConfig:
     server_start_timeout_s: float = 900.0
     weight_check_max_gap: float = 0.05
     offload_trainer: bool = False
+    max_staleness: int = 0
+    async_interleave: str = "overlap"
     embedded_process: bool = False
 
     def __post_init__(self) -> None:
@@ -107,3 +127,5 @@ class RolloutConfig:
         _check(self.request_timeout_s > 0, "rollout.request_timeout_s", "must be > 0")
         _check(self.max_retries >= 0, "rollout.max_retries", "must be >= 0")
         _check(0 < self.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
+        _check(self.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0: synchronous)")
+        _choice(self.async_interleave, "rollout.async_interleave", ("overlap", "fixed"))
