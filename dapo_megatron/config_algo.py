@@ -54,18 +54,38 @@ class FilterGroupsConfig:
 
 @dataclass(frozen=True)
 class TISConfig:
-    """Truncated importance sampling between the rollout engine's and the trainer's policy.
+    """Importance sampling between the rollout engine's (behaviour) and the trainer's (proximal) policy.
+
+    The decoupled objective: the ratio is clipped against the old (proximal) log-probs and each
+    token's loss is weighted by ``w = pi_old / pi_rollout``, bounded as ``mode`` says
+    (``dapo_megatron/algo/offpolicy.py``). The defaults are token-level truncated IS.
 
     Fields:
-        enable: multiply the per-token loss by ``min(exp(old_lp - rollout_lp), cap)``.
-        cap: upper bound of the weight.
+        enable: multiply the per-token loss by the weight (off: no correction).
+        cap: upper bound of the weight in ``truncate`` mode (``min(w, cap)``).
+        level: what one weight covers: ``token`` (``exp(old_lp - rollout_lp)`` per token),
+            ``sequence`` (``exp`` of the sum over the response, on every token of it) or
+            ``geometric`` (``exp`` of the mean over the response: the geometric mean of the
+            token ratios).
+        mode: ``truncate`` (``min(w, cap)``) or ``mask`` (a weight outside ``[mask_low,
+            mask_high]`` zeroes the token, or the whole sequence at sequence level).
+        mask_low: lower bound of a kept weight in ``mask`` mode, in ``[0, 1)``.
+        mask_high: upper bound of a kept weight in ``mask`` mode, ``> 1``.
     """
 
     enable: bool = False
     cap: float = 2.0
+    level: str = "token"
+    mode: str = "truncate"
+    mask_low: float = 0.5
+    mask_high: float = 2.0
 
     def __post_init__(self) -> None:
-        _check(self.cap > 0, "algo.tis.cap", "must be > 0")
+        _check(self.cap > 0, "algo.tis.cap", f"must be > 0, got {self.cap}")
+        _choice(self.level, "algo.tis.level", ("token", "sequence", "geometric"))
+        _choice(self.mode, "algo.tis.mode", ("truncate", "mask"))
+        _check(0 <= self.mask_low < 1, "algo.tis.mask_low", f"must be in [0, 1), got {self.mask_low}")
+        _check(self.mask_high > 1, "algo.tis.mask_high", f"must be > 1, got {self.mask_high}")
 
 
 @dataclass(frozen=True)
