@@ -5,9 +5,12 @@
         --prompt-len 2048 --response-len 20480 --micro-batch 1 --recompute full \\
         --colocated --engine-tp 8 --mem-fraction 0.7 --gpu-mem-gib 80
     python tools/plan_memory.py --hf-config Qwen2.5-7B/config.json --tp 4 --seq-len 8192
+    python tools/plan_memory.py --preset qwen3-30b-a3b --tp 2 --sequence-parallel --dp 8 --ep 8 --etp 1 \\
+        --distributed-optimizer --seq-len 24576 --recompute full --separate-engine --engine-tp 4 --mem-fraction 0.85
 
 Prints a table of GiB per GPU per item (first and last pipeline stage), the training and rollout
-phase totals against the GPU memory, a verdict with the headroom, and the FLOPs per token turned
+phase totals against the GPU memory, a verdict with the headroom, for MoE the expert parameters per
+GPU and the all-to-all volume, and the FLOPs per token (MoE: of the active parameters) turned
 into tokens per second and, with ``--tokens-per-step``, seconds per step at an assumed MFU.
 The model and its assumptions are in :mod:`dapo_megatron.observability.memory_plan`.
 
@@ -17,8 +20,6 @@ Exit status: 0 fits, 1 does not fit, 2 invalid arguments or layout.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -26,6 +27,7 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dapo_megatron.observability import memory_plan as mp  # noqa: E402
+from dapo_megatron.observability import memory_report as report  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help=f"built-in shape: {', '.join(mp.PRESETS)}")
     src.add_argument("--hf-config", help="HF config.json (or the folder holding it)")
-    for name in ("tp", "pp", "dp", "cp", "vpp"):
+    for name in ("tp", "pp", "dp", "cp", "vpp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} degree (default 1)")
+    p.add_argument("--etp", type=int, default=0, help="expert-tensor-parallel degree (default: the TP degree)")
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--distributed-optimizer", action="store_true", help="shard optimizer state over DP x CP")
     p.add_argument("--seq-len", type=int, help="tokens per trained sequence (or give --prompt-len and --response-len)")
@@ -70,13 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_shape(args: argparse.Namespace) -> mp.ModelShape:
     """The preset, or the shape read from ``--hf-config`` (a config.json or its folder)."""
-    if args.preset:
-        return mp.preset(args.preset)
-    path = args.hf_config
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    with open(path, encoding="utf-8") as f:
-        return mp.shape_from_hf_config(json.load(f), name=os.path.basename(os.path.dirname(os.path.abspath(path))))
+    return mp.preset(args.preset) if args.preset else report.load_hf_shape(args.hf_config)
 
 
 def seq_len_of(args: argparse.Namespace) -> int:
@@ -113,6 +110,8 @@ def make_plan(args: argparse.Namespace) -> mp.MemoryPlan:
         vpp=args.vpp,
         sequence_parallel=args.sequence_parallel,
         distributed_optimizer=args.distributed_optimizer,
+        ep=args.ep,
+        etp=args.etp,
     )
     work = mp.Workload(
         seq_len=seq_len_of(args),
@@ -130,82 +129,6 @@ def make_plan(args: argparse.Namespace) -> mp.MemoryPlan:
         rollout=rollout_of(args),
         overhead=args.overhead_gib * mp.GIB,
     )
-
-
-def header(plan: mp.MemoryPlan) -> List[str]:
-    """Lines describing the model, layout, batch and engine (KV in KiB per token and in tokens)."""
-    s, lay, w = plan.shape, plan.layout, plan.work
-    opt = "distributed (DP x CP shards)" if lay.distributed_optimizer else "replicated"
-    gpus = f"{lay.world_size} GPU{'s' * (lay.world_size > 1)}"
-    lines = [
-        f"model   {s.name or 'custom'}: {mp.param_count(s) / 1e9:.2f} B params, {s.num_layers} layers, hidden "
-        f"{s.hidden}, ffn {s.ffn_hidden}, heads {s.num_heads}/{s.num_kv_heads} kv, vocab {s.vocab_size}"
-        f"{', tied' if s.tied_embeddings else ''}",
-        f"layout  TP{lay.tp} PP{lay.pp} DP{lay.dp} CP{lay.cp} VPP{lay.vpp} = {gpus}, sequence parallel "
-        f"{'on' if lay.sequence_parallel else 'off'}, optimizer {opt}",
-        f"batch   micro-batch {w.micro_batch} x {w.seq_len} tokens, recompute {w.recompute}, {w.params_dtype} params, "
-        f"fp32 grads and Adam, {'flash' if w.flash_attention else 'unfused'} attention",
-    ]
-    r = plan.rollout
-    if r is not None:
-        kv = mp.kv_cache_bytes(s, r, plan.gpu_mem)
-        per_tok = mp.kv_bytes_per_token(s, r.engine_tp, r.kv_dtype)
-        size = f"mem fraction {r.mem_fraction:.2f}" if r.mem_fraction is not None else f"{r.kv_cache_tokens} tokens"
-        lines.append(
-            f"rollout {'colocated' if r.colocated else 'separate GPUs'}, engine TP {r.engine_tp}, {size}: KV "
-            f"{per_tok / 1024:.0f} KiB/token/GPU, pool {kv / per_tok:,.0f} tokens per engine "
-            f"= {kv / per_tok / w.seq_len:.1f} sequences of {w.seq_len}"
-        )
-    return lines
-
-
-def table(plan: mp.MemoryPlan) -> List[str]:
-    """The GiB-per-GPU table: one column per planned pipeline stage."""
-    st = plan.stages
-    cols = [f"stage {s.stage}" for s in st]
-    rows = [
-        ("params", "params"),
-        ("grads (fp32)", "grads"),
-        ("optimizer state", "optimizer"),
-        ("activations", "activations"),
-        ("logits buffer", "logits"),
-    ]
-    if plan.rollout is not None and plan.rollout.colocated:
-        rows += [("engine weights (rollout)", "engine_weights"), ("KV cache (rollout)", "kv_cache"),
-                 ("trainer kept (rollout)", "rollout_resident")]  # fmt: skip
-    rows += [("overhead (assumed)", "overhead"), ("= training phase", "train_total")]
-    if plan.rollout is not None and plan.rollout.colocated:
-        rows.append(("= rollout phase", "rollout_total"))
-    rows.append(("peak", "peak"))
-    out = [f"{'GiB per GPU':<26}" + "".join(f"{c:>10}" for c in cols)]
-    out += [f"{label:<26}" + "".join(f"{mp.gib(getattr(s, attr)):>10.2f}" for s in st) for label, attr in rows]
-    if plan.engine_gpu:
-        out.append(
-            "engine GPU: "
-            + ", ".join(f"{k} {mp.gib(v):.2f}" for k, v in plan.engine_gpu.items())
-            + f" = {mp.gib(sum(plan.engine_gpu.values())):.2f}"
-        )
-    out.append(f"{'GPU memory':<26}{mp.gib(plan.gpu_mem):>10.2f}")
-    return out
-
-
-def where_peak(plan: mp.MemoryPlan) -> str:
-    """Which stage and phase (or the engine GPU) sets the peak."""
-    if plan.engine_gpu and sum(plan.engine_gpu.values()) >= max(s.peak for s in plan.stages):
-        return "the engine GPU"
-    s = max(plan.stages, key=lambda x: x.peak)
-    phase = "rollout" if s.rollout_total > s.train_total else "training"
-    return f"stage {s.stage}, {phase} phase"
-
-
-def verdict(plan: mp.MemoryPlan) -> str:
-    """Fits / does not fit, with the headroom in GiB and as a fraction of the GPU."""
-    room, frac = mp.gib(plan.headroom), plan.headroom / plan.gpu_mem
-    where = where_peak(plan)
-    if not plan.fits:
-        return f"verdict DOES NOT FIT: peak {mp.gib(plan.peak):.2f} GiB ({where}) exceeds the GPU by {-room:.2f} GiB"
-    note = " - tight: allocator fragmentation is not modelled" if frac < 0.1 else ""
-    return f"verdict FITS: peak {mp.gib(plan.peak):.2f} GiB ({where}), headroom {room:.2f} GiB ({frac:.0%}){note}"
 
 
 def compute(plan: mp.MemoryPlan, args: argparse.Namespace) -> List[str]:
@@ -236,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         plan = make_plan(args)
     except (ValueError, OSError) as e:
         parser.error(str(e))  # exits with status 2
-    print("\n".join(header(plan) + [""] + table(plan) + [verdict(plan), ""] + compute(plan, args)))
+    print("\n".join(report.report(plan, args.tokens_per_step) + [""] + compute(plan, args)))
     return 0 if plan.fits else 1
 
 

@@ -1,4 +1,4 @@
-"""Per-GPU memory and FLOPs of a dense decoder-only model (Qwen2 / Llama style), worked out on paper.
+"""Per-GPU memory and FLOPs of a decoder-only model (Qwen2 / Qwen3 / Llama, and Qwen-style MoE), on paper.
 
 Pure python: no torch, no megatron. Units: memory in **bytes** (``gib`` converts to GiB = 2**30
 bytes), compute in **FLOPs**, lengths in **tokens**, time in **seconds**.
@@ -30,198 +30,56 @@ What is assumed (megatron-core mixed precision, as ``dapo_megatron.megatron.acto
   per-process overhead. Without it the trainer state stays resident: ``trainer state +
   max(training extras, engine weights + KV cache)``. The offload needs host RAM of about the
   parameters + optimizer state of every trainer rank on the node (pinned), not modelled here.
+* Mixture of experts (the sharding is in :mod:`memory_params`): the distributed optimizer shards the
+  expert state over the expert-data-parallel group (``world / (etp * ep * pp)``), the rest over
+  DP x CP; the gradient buffers stay full size for both. Routing is assumed balanced: every GPU's
+  experts receive the average ``tokens * top_k`` rows (a hot expert makes one rank hold more).
 * Not modelled: allocator fragmentation, NCCL and CP ring buffers beyond the flat overhead,
-  gradients of the layer being recomputed, MoE layers. Treat a small headroom as "does not fit".
+  gradients of the layer being recomputed, the MoE all-to-all staging buffers, token dropping.
+  Treat a small headroom as "does not fit".
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Mapping, Optional
+from typing import Dict, Optional
 
-GIB = 2**30
-DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+from dapo_megatron.observability.memory_params import (
+    DTYPE_BYTES,
+    GIB,
+    PRESETS,
+    PUBLISHED_ACTIVE_PARAMS,
+    PUBLISHED_PARAMS,
+    Layout,
+    ModelShape,
+    _divides,
+    _positive,
+    active_param_count,
+    check_layout,
+    dtype_bytes,
+    expert_layer_params,
+    gib,
+    layer_params,
+    padded_vocab,
+    param_count,
+    preset,
+    shape_from_hf_config,
+    stage_expert_params,
+    stage_params,
+)
+
+# The shape and layout names live in memory_params; they are re-exported so one import serves the tools.
+__all__ = [
+    "DTYPE_BYTES", "GIB", "PRESETS", "PUBLISHED_ACTIVE_PARAMS", "PUBLISHED_PARAMS", "RECOMPUTE", "FlopsPerToken",
+    "Layout", "MemoryPlan", "ModelShape", "Rollout", "StagePlan", "Workload", "activation_bytes",
+    "active_param_count", "alltoall_bytes", "check_engine", "check_layout", "dtype_bytes", "engine_weight_bytes",
+    "expert_layer_params", "flops_per_token", "gib", "inflight_layers", "kv_bytes_per_token", "kv_cache_bytes",
+    "layer_activation_bytes", "layer_params", "logits_bytes", "matmul_params", "padded_vocab", "param_count",
+    "plan_memory", "plan_stage", "preset", "shape_from_hf_config", "stage_expert_params", "stage_params",
+    "state_bytes_per_param", "step_time_s", "stored_layer_bytes", "tokens_per_s_per_gpu",
+]  # fmt: skip
+
 RECOMPUTE = ("none", "selective", "full")
-
-
-def gib(n_bytes: float) -> float:
-    """Bytes to GiB (2**30 bytes)."""
-    return n_bytes / GIB
-
-
-def dtype_bytes(name: str) -> int:
-    """Bytes per element of a dtype name (``bf16``, ``fp16``, ``fp32`` or their torch spellings)."""
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"params_dtype={name!r} is not one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[name]
-
-
-def _divides(value: int, by: int, what: str, by_what: str) -> None:
-    if by < 1 or value % by != 0:
-        raise ValueError(f"{what}={value} is not divisible by {by_what}={by}")
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        if getattr(obj, name) < 1:
-            raise ValueError(f"{name}={getattr(obj, name)} must be >= 1")
-
-
-# ----------------------------------------------------------------------------- model shape
-@dataclass(frozen=True)
-class ModelShape:
-    """Dense decoder shape. Widths in elements; ``head_dim`` defaults to ``hidden // num_heads``."""
-
-    num_layers: int
-    hidden: int
-    ffn_hidden: int
-    num_heads: int
-    num_kv_heads: int
-    vocab_size: int
-    tied_embeddings: bool = False
-    qkv_bias: bool = True
-    head_dim: int = 0
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        _positive(self, "num_layers", "hidden", "ffn_hidden", "num_heads", "num_kv_heads", "vocab_size")
-        if self.head_dim == 0:
-            _divides(self.hidden, self.num_heads, "hidden", "num_heads")
-            object.__setattr__(self, "head_dim", self.hidden // self.num_heads)
-        _divides(self.num_heads, self.num_kv_heads, "num_heads", "num_kv_heads")
-
-    @property
-    def q_dim(self) -> int:
-        """Width of all query heads together (elements)."""
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        """Width of all key (or all value) heads together (elements)."""
-        return self.num_kv_heads * self.head_dim
-
-
-def shape_from_hf_config(cfg: Mapping[str, Any], name: str = "") -> ModelShape:
-    """ModelShape from an HF ``config.json`` dict (Qwen2 / Llama keys). Rejects MoE configs."""
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if cfg.get(key):
-            raise ValueError(f"{key}={cfg[key]}: mixture-of-experts models are not modelled (dense only)")
-    try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        return ModelShape(
-            num_layers=int(cfg["num_hidden_layers"]),
-            hidden=hidden,
-            ffn_hidden=int(cfg["intermediate_size"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            vocab_size=int(cfg["vocab_size"]),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-            head_dim=int(cfg.get("head_dim") or 0),
-            name=name or str(cfg.get("_name_or_path", "")),
-        )
-    except KeyError as e:
-        raise ValueError(f"HF config lacks the key {e.args[0]!r}") from None
-
-
-PRESETS: Dict[str, ModelShape] = {
-    "qwen2.5-1.5b": ModelShape(28, 1536, 8960, 12, 2, 151936, tied_embeddings=True, name="Qwen2.5-1.5B"),
-    "qwen2.5-7b": ModelShape(28, 3584, 18944, 28, 4, 152064, name="Qwen2.5-7B"),
-    "qwen2.5-32b": ModelShape(64, 5120, 27648, 40, 8, 152064, name="Qwen2.5-32B"),
-}
-# Total parameter counts as published (model cards / safetensors index), for a sanity check.
-PUBLISHED_PARAMS: Dict[str, float] = {"qwen2.5-1.5b": 1.54e9, "qwen2.5-7b": 7.62e9, "qwen2.5-32b": 32.8e9}
-
-
-def preset(name: str) -> ModelShape:
-    """A built-in shape by name (case-insensitive), e.g. ``qwen2.5-32b``."""
-    key = name.lower()
-    if key not in PRESETS:
-        raise ValueError(f"preset={name!r} is not one of {sorted(PRESETS)}")
-    return PRESETS[key]
-
-
-# ----------------------------------------------------------------------------- parameter counts
-def layer_params(shape: ModelShape) -> tuple[int, int]:
-    """Parameters of one layer as ``(split by TP, replicated on every TP rank)``.
-
-    Split: Q, K, V and output projections (``h*(a*d) + 2*h*(g*d) + (a*d)*h``), the QKV bias
-    (``a*d + 2*g*d``, column-parallel) and the SwiGLU MLP (gate, up, down: ``3*h*f``).
-    Replicated: the two RMSNorm weights (``2*h``).
-    """
-    h = shape.hidden
-    split = h * shape.q_dim + 2 * h * shape.kv_dim + shape.q_dim * h + 3 * h * shape.ffn_hidden
-    if shape.qkv_bias:
-        split += shape.q_dim + 2 * shape.kv_dim
-    return split, 2 * h
-
-
-def param_count(shape: ModelShape) -> int:
-    """Total parameters as HF counts them (unpadded vocabulary; a tied output layer counted once)."""
-    split, repl = layer_params(shape)
-    embeddings = shape.vocab_size * shape.hidden * (1 if shape.tied_embeddings else 2)
-    return shape.num_layers * (split + repl) + embeddings + shape.hidden  # + final norm
-
-
-def padded_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Vocabulary rounded up to a multiple of ``multiple * tp`` (megatron's padding)."""
-    step = multiple * tp
-    return math.ceil(vocab_size / step) * step
-
-
-# ----------------------------------------------------------------------------- layout
-@dataclass(frozen=True)
-class Layout:
-    """Trainer parallel layout: degrees, sequence parallelism, distributed optimizer."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    cp: int = 1
-    vpp: int = 1
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = False
-    vocab_multiple: int = 128
-
-    def __post_init__(self) -> None:
-        _positive(self, "tp", "pp", "dp", "cp", "vpp", "vocab_multiple")
-        if self.vpp > 1 and self.pp == 1:
-            raise ValueError(f"vpp={self.vpp} needs pp > 1 (an interleaved schedule)")
-
-    @property
-    def world_size(self) -> int:
-        """GPUs of the trainer: TP x PP x DP x CP."""
-        return self.tp * self.pp * self.dp * self.cp
-
-
-def check_layout(shape: ModelShape, layout: Layout, seq_len: int) -> None:
-    """Raise ValueError naming the field when megatron could not build ``shape`` at ``layout``."""
-    _divides(shape.num_heads, layout.tp, "num_heads", "tp")
-    _divides(shape.num_kv_heads, layout.tp, "num_kv_heads", "tp")
-    _divides(shape.ffn_hidden, layout.tp, "ffn_hidden", "tp")
-    _divides(shape.num_layers, layout.pp * layout.vpp, "num_layers", "pp*vpp")
-    if layout.cp > 1:
-        _divides(seq_len, 2 * layout.cp, "seq_len", "2*cp")
-    if layout.sequence_parallel:
-        _divides(seq_len // layout.cp, layout.tp, "seq_len/cp", "tp")
-
-
-def stage_params(shape: ModelShape, layout: Layout, stage: int) -> int:
-    """Parameters held by one GPU of pipeline ``stage`` (0-based): its layers' TP shard, the TP-replicated
-    norms, the embedding shard on stage 0, and the final norm and output layer shard on the last stage."""
-    split, repl = layer_params(shape)
-    layers = shape.num_layers // layout.pp
-    n = layers * (split // layout.tp + repl)
-    vocab_shard = padded_vocab(shape.vocab_size, layout.tp, layout.vocab_multiple) // layout.tp
-    last = stage == layout.pp - 1
-    if stage == 0:
-        n += vocab_shard * shape.hidden
-    if last:
-        n += shape.hidden
-        if not shape.tied_embeddings or layout.pp > 1:  # tied + PP > 1: a copy on the last stage
-            n += vocab_shard * shape.hidden
-    return n
 
 
 # ----------------------------------------------------------------------------- workload
@@ -276,18 +134,36 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, work: Workload) ->
       * RMSNorm keeps its input, like LayerNorm.
     So per token: ``4h`` kept whole unless sequence parallel (two norm inputs, QKV and fc1 inputs)
     and ``h + 2gd + h + 3f`` split by TP (Q, K+V, attention output, fc1 output + fc2 input).
-    Context parallelism divides the tokens per GPU by CP.
+    Context parallelism divides the tokens per GPU by CP. A MoE layer replaces ``3f`` by
+    :func:`moe_activation_elements`.
     """
     t, tokens = layout.tp, work.micro_batch * work.seq_len / layout.cp
     whole = 4 * shape.hidden
-    split = 2 * shape.q_dim + 2 * shape.kv_dim + 3 * shape.ffn_hidden
-    per_token = (whole / t if layout.sequence_parallel else whole) + split / t
+    split = 2 * shape.q_dim + 2 * shape.kv_dim + (0 if shape.is_moe else 3 * shape.ffn_hidden)
+    per_token = (whole / t if layout.sequence_parallel else whole) + split / t + moe_activation_elements(shape, layout)
     n = tokens * per_token * work.act_bytes
     if work.flash_attention:
         n += tokens * (shape.num_heads / t) * 4  # fp32 log-sum-exp per head
     else:
         n += tokens * (shape.num_heads / t) * work.seq_len * work.act_bytes  # softmax output, a*s per token
     return n
+
+
+def moe_activation_elements(shape: ModelShape, layout: Layout) -> float:
+    """Elements one MoE layer's MLP keeps per token (per GPU, tokens before the TP split); 0 if dense.
+
+    megatron trains MoE at TP > 1 only with sequence parallelism, so a GPU routes ``T/tp`` tokens; the
+    all-to-all spreads their ``top_k`` copies over the EP ranks and the expert-TP all-gather collects
+    ``etp`` ranks' rows, so with balanced routing a GPU's experts hold ``T * k * etp / tp`` rows, each
+    keeping its input ``h``, fc1's output ``2f_m/etp``, the SwiGLU output ``f_m/etp`` (for the routing
+    probability's gradient) and the probability-weighted fc2 input ``f_m/etp``. Per token also the
+    router's logits and scores (``2E``) and the shared expert's ``3f_s``, both split by TP.
+    """
+    if not shape.is_moe:
+        return 0.0
+    etp, k = layout.expert_tp, shape.top_k
+    routed = k * (etp * shape.hidden + 4 * shape.moe_ffn_hidden) / layout.tp
+    return routed + (2 * shape.num_experts + 3 * shape.shared_ffn_hidden) / layout.tp
 
 
 def stored_layer_bytes(shape: ModelShape, layout: Layout, work: Workload) -> float:
@@ -478,15 +354,19 @@ class MemoryPlan:
 
 
 def plan_stage(shape: ModelShape, layout: Layout, work: Workload, stage: int, overhead: float) -> StagePlan:
-    """Trainer items of one stage (no engine), bytes per GPU."""
-    n = stage_params(shape, layout, stage)
+    """Trainer items of one stage (no engine), bytes per GPU. The distributed optimizer shards the
+    dense parameters' state over DP x CP and the experts' over the expert-data-parallel group."""
+    n, experts = stage_params(shape, layout, stage), stage_expert_params(shape, layout)
     p, g, o = state_bytes_per_param(work.params_dtype)
-    shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    dist = layout.distributed_optimizer
+    optimizer = (n - experts) * o / (layout.dp * layout.cp if dist else 1) + experts * o / (
+        layout.expert_dp if dist else 1
+    )
     return StagePlan(
         stage=stage,
         params=float(n * p),
         grads=float(n * g),
-        optimizer=n * o / shards,
+        optimizer=optimizer,
         activations=activation_bytes(shape, layout, work, stage),
         logits=logits_bytes(shape, layout, work, stage),
         overhead=overhead,
@@ -533,8 +413,11 @@ class FlopsPerToken:
 
 def matmul_params(shape: ModelShape) -> int:
     """Parameters that cost FLOPs per token: every layer's weights plus the output layer (``V*h``,
-    also when tied); the embedding lookup and norms are free."""
+    also when tied); the embedding lookup and norms are free. MoE: the router (``E*h``) and the
+    ``top_k`` experts a token is routed to, not all ``E``."""
     split, _ = layer_params(shape)
+    if shape.is_moe:
+        split += shape.num_experts * shape.hidden + shape.top_k * 3 * shape.hidden * shape.moe_ffn_hidden
     return shape.num_layers * split + shape.vocab_size * shape.hidden
 
 
@@ -558,3 +441,20 @@ def tokens_per_s_per_gpu(flops_per_tok: float, peak_flops: float, mfu: float) ->
 def step_time_s(tokens: float, tokens_per_s_per_gpu: float, gpus: int) -> float:
     """Seconds to process ``tokens`` on ``gpus`` GPUs each doing ``tokens_per_s_per_gpu``."""
     return tokens / (tokens_per_s_per_gpu * gpus)
+
+
+# ----------------------------------------------------------------------------- MoE all-to-all
+def alltoall_bytes(shape: ModelShape, layout: Layout, tokens: float, act_bytes: int, recompute: str = "none") -> float:
+    """Bytes one GPU sends to other EP ranks for one MoE layer over ``tokens`` tokens, forward + backward.
+
+    ``tokens``: the tokens of this GPU's micro-batches (per CP rank, before the TP split: the
+    ``micro_batch * seq_len / cp`` of one micro-batch, or a step's ``tokens / (dp * cp)``). With
+    sequence parallelism a GPU routes ``tokens / tp`` of them, each to ``top_k`` experts, so one
+    all-to-all moves ``tokens/tp * top_k * h * act_bytes``, of which ``(ep - 1) / ep`` leaves the GPU
+    (balanced routing). A layer runs four: dispatch and combine forward, their gradients backward;
+    six under full recompute (the forward runs twice). 0 for a dense model or ``ep == 1``.
+    """
+    if not shape.is_moe or layout.ep == 1:
+        return 0.0
+    one = tokens / layout.tp * shape.top_k * shape.hidden * act_bytes * (layout.ep - 1) / layout.ep
+    return one * (6 if recompute == "full" else 4)
