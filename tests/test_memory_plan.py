@@ -210,7 +210,7 @@ def test_shape_from_hf_config():
     assert not llama.qkv_bias and not llama.tied_embeddings
     with pytest.raises(ValueError, match="intermediate_size"):
         mp.shape_from_hf_config({k: v for k, v in cfg.items() if k != "intermediate_size"})
-    with pytest.raises(ValueError, match="num_experts"):
+    with pytest.raises(ValueError, match="'num_experts_per_tok'"):  # a MoE config needs its routing keys
         mp.shape_from_hf_config({**cfg, "num_experts": 64})
     with pytest.raises(ValueError, match="preset"):
         mp.preset("qwen9")
