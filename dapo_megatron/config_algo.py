@@ -104,6 +104,8 @@ class AlgoConfig:
         overlong_filter: give truncated samples loss mask 0.
         use_rollout_logprobs: use the engine's logprobs as old logprobs instead of recomputing.
         entropy_coeff: weight of an entropy bonus (0 = off, DAPO default).
+        routing_replay: MoE models: ``none`` (the trainer's routers choose experts) or ``rollout``
+            (R3: the trainer's forward uses the experts the rollout engine chose per token).
     """
 
     clip_ratio_low: float = 0.2
@@ -119,8 +121,10 @@ class AlgoConfig:
     tis: TISConfig = field(default_factory=TISConfig)
     use_rollout_logprobs: bool = False
     entropy_coeff: float = 0.0
+    routing_replay: str = "none"
 
     def __post_init__(self) -> None:
+        _choice(self.routing_replay, "algo.routing_replay", ("none", "rollout"))
         _check(0 <= self.clip_ratio_low < 1, "algo.clip_ratio_low", f"must be in [0, 1), got {self.clip_ratio_low}")
         _check(self.clip_ratio_high >= 0, "algo.clip_ratio_high", f"must be >= 0, got {self.clip_ratio_high}")
         _check(
