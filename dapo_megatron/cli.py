@@ -2,7 +2,7 @@
 
     dapo-megatron config [--config X.yaml] [section.key=value ...]   print the resolved config
     dapo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR] [--labels A B]  charts from metrics.jsonl
-    dapo-megatron plan [--config X.yaml] [--engine-nodes N] [--gpus-per-node G]  placement dry-run
+    dapo-megatron plan [--config X.yaml] [--engine-nodes N] [--model-preset P]  placement and memory dry-run
     dapo-megatron engines --plan P.json --config X.yaml [overrides]   serve this node's planned SGLang servers
     dapo-megatron train --config X.yaml [overrides]            DAPO training (torchrun / srun / one process)
     dapo-megatron demo [--config X.yaml] [overrides]           the embedded CPU demo, end to end
@@ -64,11 +64,20 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gpus-per-node", type=int, default=None, help="override GPUs per node (else from SLURM)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON to PATH")
+    p.add_argument(
+        "--model-preset",
+        default=None,
+        metavar="NAME",
+        help="plan memory for a built-in shape (e.g. qwen3-30b-a3b) instead of model.hf_path/config.json",
+    )
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU for the memory plan (80)")
+    p.add_argument("--require-fit", action="store_true", help="exit 1 when the memory plan does not fit")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from dapo_megatron.config_io import load_config
     from dapo_megatron.controller.placement import PlacementError, format_placement, plan_placement, save_placement
+    from dapo_megatron.observability.memory_report import config_report
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -82,7 +91,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         save_placement(plan, args.json)
         _ensure_engine_key(os.path.dirname(os.path.abspath(args.json)), bool(plan.engines))
-    return 0
+    lines, fits = config_report(cfg, plan.trainer_world_size, args.model_preset, args.gpu_mem_gib)
+    print("\n".join([""] + lines))
+    return 1 if args.require_fit and fits is False else 0
 
 
 def _ensure_engine_key(run_dir: str, has_engines: bool) -> None:
@@ -218,7 +229,8 @@ COMMANDS: Dict[str, tuple] = {
     "config": ("print the resolved config (defaults, YAML file, then overrides)", _add_config_args, _cmd_config),
     "plot": ("chart one or several runs from their metrics.jsonl", _add_plot_args, _cmd_plot),
     "plan": (
-        "print where trainer ranks and engines go (dry run, from the SLURM/torchrun environment)",
+        "print where trainer ranks and engines go (dry run, from the SLURM/torchrun environment) and the "
+        "per-GPU memory plan",
         _add_plan_args,
         _cmd_plan,
     ),

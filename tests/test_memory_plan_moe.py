@@ -1,8 +1,16 @@
 """The memory planner on mixture-of-experts shapes: hand-computed counts on a tiny MoE, the Qwen3-MoE presets."""
 
+import importlib.util
+import json
+import pathlib
+
 import pytest
 
+import dapo_megatron
 from dapo_megatron.observability import memory_plan as mp
+from dapo_megatron.observability import memory_report as mr
+
+REPO_ROOT = pathlib.Path(dapo_megatron.__file__).resolve().parent.parent
 
 # Tiny MoE: L=2, h=8, a=4 heads, g=2 KV heads (d=2), V=256, no QKV bias, E=4 experts, top-2, f_m=4, untied.
 MOE = mp.ModelShape(2, 8, 16, 4, 2, 256, qkv_bias=False, num_experts=4, top_k=2, moe_ffn_hidden=4)
@@ -142,3 +150,59 @@ def test_qwen3_235b_on_h800_nodes():
     plan = mp.plan_memory(big, lay, work, gpu_mem=80 * mp.GIB)
     assert plan.fits and lay.world_size == 128 and lay.expert_dp == 2
     assert mp.stage_expert_params(big, lay) == 47 * 4 * 3 * 4096 * 1536  # 47 layers' 4 whole experts
+
+
+def _example_config(monkeypatch, models: str):
+    from dapo_megatron.config_io import load_config
+
+    for name, value in (("MODELS", models), ("CKPT", "/ckpt"), ("DATA", "/data")):
+        monkeypatch.setenv(name, value)
+    return load_config(str(REPO_ROOT / "examples" / "dapo_qwen3_30b_a3b.yaml"))
+
+
+def test_example_config_plans_from_the_model_folder(monkeypatch, tmp_path):
+    """`dapo-megatron plan`'s memory section for the Qwen3-30B-A3B recipe: the shape read from
+    model.hf_path/config.json equals the preset's plan, and it fits 80 GiB GPUs; without the folder it
+    says what to give instead."""
+    (tmp_path / "Qwen3-30B-A3B-Base").mkdir()
+    (tmp_path / "Qwen3-30B-A3B-Base" / "config.json").write_text(json.dumps(QWEN3_30B_HF))
+    cfg = _example_config(monkeypatch, str(tmp_path))
+    assert (cfg.parallel.tensor, cfg.parallel.expert, cfg.parallel.world_size, cfg.rollout.mode) == (
+        2, 8, 16, "disaggregated",
+    )  # fmt: skip
+    lines, fits = mr.config_report(cfg, 16)
+    assert fits and "EP8 ETP2 (expert DP 1)" in "\n".join(lines) and "verdict FITS" in lines[-1]
+    plan = mr.plan_from_config(cfg, mp.preset("qwen3-30b-a3b"), 16, 80 * mp.GIB, 2 * mp.GIB)
+    assert lines[-1] == mr.verdict(plan)
+    assert (plan.layout.dp, plan.work.seq_len, plan.work.recompute, plan.rollout.engine_tp) == (8, 24576, "full", 2)
+    assert not plan.rollout.colocated and plan.engine_gpu["engine_weights"] > 0
+    skipped, none = mr.config_report(_example_config(monkeypatch, str(tmp_path / "absent")), 16)
+    assert none is None and "--model-preset" in skipped[0] and "absent" in skipped[0]
+    bad, none = mr.config_report(cfg, 12)  # 12 GPUs: no whole DP over TP 2 with EP 8
+    assert none is None and bad[0].startswith("memory plan: not made:")
+
+
+def test_plan_memory_tool_prints_experts_and_alltoall(capsys):
+    spec = importlib.util.spec_from_file_location("plan_memory_tool", REPO_ROOT / "tools" / "plan_memory.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = [
+        "--preset",
+        "qwen3-30b-a3b",
+        "--tp",
+        "2",
+        "--sequence-parallel",
+        "--dp",
+        "8",
+        "--ep",
+        "8",
+        "--etp",
+        "1",
+        "--distributed-optimizer",
+    ]
+    argv += ["--seq-len", "24576", "--recompute", "full", "--tokens-per-step", "1e6"]
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "experts 16 of 128 per EP rank" in out and "EP8 ETP1 (expert DP 2)" in out
+    # 24576 tokens / TP 2 * top-8 * 2048 * 2 B * 7/8 remote, six all-to-alls (full recompute): 2016 MiB
+    assert "2,016.0 MiB sent per GPU per MoE layer" in out and "verdict FITS" in out

@@ -86,3 +86,26 @@ def test_engines_on_node_refuses_a_node_without_slots(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 1 and "puts nothing on n1" in proc.stderr, proc.stderr
+
+
+def test_qwen3_moe_recipe_plans_on_four_h800_nodes(tmp_path, monkeypatch, capsys):
+    """examples/dapo_qwen3_30b_a3b.yaml as slurm/disaggregated.sbatch runs its first command on 4 nodes of
+    8 GPUs with ENGINE_NODES=2: 16 trainer ranks, 8 engines of TP 2 on the last two nodes, and the memory
+    plan (shape from the preset: no model folder here) fits 80 GiB GPUs (--require-fit)."""
+    from dapo_megatron.cli import main
+
+    for name in [k for k in os.environ if k.startswith(("SLURM_", "MASTER_", "WORLD_SIZE"))]:
+        monkeypatch.delenv(name)
+    env = {"MODELS": "/models", "CKPT": "/ckpt", "DATA": "/data", "SLURM_JOB_NODELIST": "n[1-4]"}
+    env.update({"SLURM_NNODES": "4", "SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "8"})
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = ["plan", "--config", str(REPO / "examples" / "dapo_qwen3_30b_a3b.yaml"), "rollout.mode=disaggregated",
+            "--engine-nodes", "2", "--model-preset", "qwen3-30b-a3b", "--require-fit"]  # fmt: skip
+    assert main([*argv, "--json", str(tmp_path / "placement.json")]) == 0
+    out = capsys.readouterr().out
+    assert "trainer: 2 node(s) x 8 rank(s) = 16 ranks" in out and "engines: 8" in out
+    assert "n4    engine   -              :30010[0,1] :30018[2,3] :30026[4,5] :30034[6,7]" in out
+    assert "TP2 PP1 DP8 CP1 VPP1 = 16 GPUs, EP8 ETP2 (expert DP 1)" in out and "verdict FITS" in out
+    assert main([*argv, "--gpu-mem-gib", "40"]) == 1  # the same plan on 40 GiB GPUs: exit 1, and says so
+    assert "verdict DOES NOT FIT" in capsys.readouterr().out

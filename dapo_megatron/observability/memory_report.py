@@ -173,3 +173,24 @@ def verdict(plan: mp.MemoryPlan) -> str:
 def report(plan: mp.MemoryPlan, tokens_per_step: Optional[float] = None) -> List[str]:
     """Header, MoE lines, table and verdict."""
     return header(plan) + moe_lines(plan, tokens_per_step) + [""] + table(plan) + [verdict(plan)]
+
+
+def config_report(
+    cfg: Any, world: int, preset_name: Optional[str] = None, gpu_mem_gib: float = 80.0
+) -> tuple[List[str], Optional[bool]]:
+    """``dapo-megatron plan``'s memory section: the lines and whether it fits (None: not planned).
+
+    The shape is the preset ``preset_name`` or ``model.hf_path``'s config.json; with neither (a recipe
+    whose model folder is not on this machine) or a layout the planner cannot model, the lines say
+    why and nothing is planned: the placement stays the command's answer.
+    """
+    title = f"memory plan (per GPU of {gpu_mem_gib:g} GiB, on paper; tools/plan_memory.py takes the flags)"
+    path = os.path.join(cfg.model.hf_path, "config.json")
+    if preset_name is None and not (cfg.model.hf_path and os.path.isfile(path)):
+        return [f"memory plan: skipped, no {path} (model.hf_path); --model-preset NAME plans a built-in shape"], None
+    try:
+        shape = mp.preset(preset_name) if preset_name is not None else load_hf_shape(path)
+        plan = plan_from_config(cfg, shape, world, gpu_mem_gib * mp.GIB, 2.0 * mp.GIB)
+    except ValueError as e:
+        return [f"memory plan: not made: {e}"], None
+    return [title] + report(plan), plan.fits
