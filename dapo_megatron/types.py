@@ -25,6 +25,13 @@ class Sample:
     ``response_logprobs[i]`` is the engine's log-prob of ``response_ids[i]`` under the sampling
     distribution (temperature applied), so ``len(response_logprobs) == len(response_ids)``.
     ``score`` is the rule reward (+1/-1), ``reward`` the shaped reward used for advantages.
+
+    Versions: ``token_versions[i]`` is the policy version of the weights that generated
+    ``response_ids[i]``. A partial rollout continued across weight updates mixes versions; an empty
+    list (the default, and every dump written before versions existed) means every token has
+    ``weight_version``. Invariant: ``weight_version`` is the OLDEST version of the sample, so with
+    versions given ``weight_version == min(token_versions)``. ``finish_reason == "abort"`` marks a
+    partial trajectory (a response still to be continued).
     """
 
     prompt_ids: List[int]
@@ -36,6 +43,7 @@ class Sample:
     acc: bool = False
     pred: str = ""
     reward: float = 0.0
+    token_versions: List[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.finish_reason not in FINISH_REASONS:
@@ -45,6 +53,21 @@ class Sample:
                 f"Sample.response_logprobs: {len(self.response_logprobs)} values for "
                 f"{len(self.response_ids)} response tokens"
             )
+        if self.token_versions:
+            if len(self.token_versions) != len(self.response_ids):
+                raise ValueError(
+                    f"Sample.token_versions: {len(self.token_versions)} versions for "
+                    f"{len(self.response_ids)} response tokens"
+                )
+            if self.weight_version != min(self.token_versions):
+                raise ValueError(
+                    f"Sample.weight_version={self.weight_version} must be the oldest of token_versions "
+                    f"(min {min(self.token_versions)})"
+                )
+
+    def versions(self) -> List[int]:
+        """The version of every response token (``token_versions``, or ``weight_version`` throughout)."""
+        return list(self.token_versions) if self.token_versions else [self.weight_version] * len(self.response_ids)
 
     @property
     def truncated(self) -> bool:

@@ -82,7 +82,7 @@ def collect_groups(s: TrainingSession, step: int) -> Tuple[Optional[List[Group]]
         if s.cfg.run.dump_rollouts:
             os.makedirs(s.paths.rollouts_dir, exist_ok=True)
             dump_groups(groups, os.path.join(s.paths.rollouts_dir, ROLLOUT_FILE.format(step)))
-        if s.cfg.rollout.mode == "colocated":
+        if _releases(s):
             for engine in s.engines:  # colocated engines give their memory to the trainer meanwhile
                 s.run(engine.release_memory())
         return groups, stats
@@ -103,10 +103,13 @@ def _generate_or_replay(s: TrainingSession, step: int) -> Tuple[List[Group], Dic
             raise FileNotFoundError(f"run.replay_rollouts={s.cfg.run.replay_rollouts!r}: no {os.path.basename(path)} "
                                     "(a folder written by run.dump_rollouts=true, one file per step)")  # fmt: skip
         return load_groups(path), {"rollout/replayed": 1.0}
-    groups, stats = s.run(s.rollout.run(s.prompts))
+    if s.producer is not None:  # asynchronous DAPO: continue, offer and refill (rollout/producer.py)
+        groups, stats = s.producer.batch(step)
+    else:
+        groups, stats = s.run(s.rollout.run(s.prompts))
     stats["rollout/stale_samples"] = float(sum(
         smp.weight_version != s.engines[0].weight_version for g in groups for smp in g.samples
-    ))  # fmt: skip  # on-policy: every sample comes from the weights of the previous step
+    ))  # fmt: skip  # K = 0: on-policy, every sample comes from the weights of the previous step
     return groups, stats
 
 
@@ -143,6 +146,8 @@ def check_weights_arrived(s: TrainingSession, stats: Dict[str, float]) -> None:
     The gap stats are reduced over every rank, so every rank decides the same."""
     if "rollout/logprob_gap_mean" not in stats or s.cfg.run.replay_rollouts:
         return  # the trainer reuses the rollout log-probs, or replays dumped steps: nothing to compare
+    if s.cfg.rollout.max_staleness > 0 and s.start_step > 0:
+        return  # a resumed async batch continues work of older weights: the gap is off-policy, not a bad sync
     gap, worst, bound = (
         stats["rollout/logprob_gap_mean"],
         stats["rollout/logprob_gap_max"],
@@ -175,15 +180,18 @@ def sync_engines(s: TrainingSession, *, version: int) -> Dict[str, float]:
     They all come back in :func:`collect_groups`, after the engines released their memory."""
     if s.cfg.run.replay_rollouts:
         return {}
+    out: Dict[str, float] = {}
+    if s.producer is not None:  # rank 0, K >= 1: interrupt the head start (partials keep their tokens)
+        out.update(s.producer.pause())
     offload, freed = _offloads(s), 0
     if offload:
         freed = s.actor.offload(("optimizer", "grads"))
         if dist.is_initialized():
             dist.barrier()  # no engine may take a device back before its trainer rank has left it
-    if s.rank0 and s.cfg.rollout.mode == "colocated":
+    if s.rank0 and _releases(s):
         for engine in s.engines:
             s.run(engine.resume_memory())
-    out = push_weights(s.actor, s.engines if s.rank0 else [], version=version, run=s.run if s.rank0 else None,
+    out |= push_weights(s.actor, s.engines if s.rank0 else [], version=version, run=s.run if s.rank0 else None,
                        link=s.stage_link)  # fmt: skip
     if offload:
         freed += s.actor.offload(("params",))
@@ -198,6 +206,12 @@ def _offloads(s: TrainingSession) -> bool:
     every rank: config only)."""
     r = s.cfg.rollout
     return r.mode == "colocated" and r.offload_trainer and not s.cfg.run.replay_rollouts
+
+
+def _releases(s: TrainingSession) -> bool:
+    """Colocated engines release their memory while the trainer works, unless the asynchronous
+    producer (K >= 1) keeps them generating meanwhile (``rollout.max_staleness``'s docstring)."""
+    return s.cfg.rollout.mode == "colocated" and s.cfg.rollout.max_staleness == 0
 
 
 def save_step(s: TrainingSession, step: int) -> None:

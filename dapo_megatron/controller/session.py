@@ -9,6 +9,9 @@ rollout on the rendezvous store, then receive their DP replica's rows of each st
 Resume (``run.resume`` and a checkpoint in ``<run.dir>/checkpoints``) restores the actor (weights,
 optimizer, scheduler, RNG) and, through ``extra_state``, the data sampler and the dynamic-sampling
 state (next group id, carried groups), so a resumed run draws the same prompts with the same seeds.
+With ``rollout.max_staleness >= 1`` that state also holds the asynchronous producer's work: groups in
+progress with their tokens, log-probs and per-token versions (``rollout/producer.py``), so a resumed
+run continues those trajectories instead of re-issuing their prompts.
 """
 
 from __future__ import annotations
@@ -88,7 +91,9 @@ class TrainingSession:
     """
 
     def __init__(self, cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = None):
+        check_async(cfg)
         self.cfg = cfg
+        self.producer: Any = None  # rank 0 with rollout.max_staleness >= 1: the AsyncProducer
         self.env, self.topology, self.spec, self.actor = start_trainer(cfg)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.engines: List[Any] = []
@@ -172,8 +177,15 @@ class TrainingSession:
             filter_metric=a.filter_groups.metric, filter_enable=a.filter_groups.enable,
             max_num_gen_batches=a.filter_groups.max_num_gen_batches, on_exhausted=a.filter_groups.on_exhausted,
             max_concurrency=r.max_concurrency, request_timeout_s=r.request_timeout_s, max_retries=r.max_retries,
-            keep_surplus=r.keep_surplus,
+            keep_surplus=r.keep_surplus, keep_partial=r.max_staleness > 0,
         )  # fmt: skip
+        if r.max_staleness > 0:
+            from dapo_megatron.rollout.producer import AsyncProducer
+
+            self.producer = AsyncProducer(
+                self.rollout, self.prompts, self.loop, max_staleness=r.max_staleness,
+                interleave=r.async_interleave, max_response_len=r.max_response_len,
+            )  # fmt: skip
         if cfg.data.eval_files:
             self.eval_data = load_prompts(cfg.data.eval_files, self.tokenizer, cfg)
 
@@ -234,6 +246,9 @@ class TrainingSession:
         if self.stage_link is not None:
             self.stage_link.close()
             self.stage_link = None
+        if self.producer is not None:
+            self.producer.close()  # its thread drives the event loop: stop it before the loop closes
+            self.producer = None
         if self.loop is not None:
             for engine in self.engines:
                 self.run(engine.shutdown())
@@ -245,6 +260,28 @@ class TrainingSession:
         shutdown()
         if self._lock is not None and self._own_lock:  # last: nothing of this run writes after it
             self._lock.release()
+
+
+def check_async(cfg: Config) -> None:
+    """Refuse asynchronous DAPO (``rollout.max_staleness >= 1``) where it cannot be what it claims,
+    naming the keys (every rank checks the same config, so every rank refuses alike)."""
+    r, a = cfg.rollout, cfg.algo
+    if r.max_staleness == 0:
+        return
+    k = f"rollout.max_staleness={r.max_staleness}"
+    if a.use_rollout_logprobs:
+        raise ValueError(f"{k} needs algo.use_rollout_logprobs=false: the stale rollout log-probs are the "
+                         "behaviour policy, the trainer's recomputed old log-probs the proximal one")  # fmt: skip
+    if not a.tis.enable:
+        raise ValueError(f"{k} needs algo.tis.enable=true: samples from older weights must be importance-weighted "
+                         "by pi_old / pi_rollout (truncated at algo.tis.cap)")  # fmt: skip
+    if r.mode == "colocated" and r.offload_trainer:
+        raise ValueError(f"{k} with rollout.mode=colocated and rollout.offload_trainer=true: the engines would "
+                         "generate while the trainer holds the devices; use rollout.mode=disaggregated, or "
+                         "rollout.offload_trainer=false where engine and trainer fit in memory together")  # fmt: skip
+    if cfg.run.replay_rollouts:
+        raise ValueError(f"{k} with run.replay_rollouts: replayed steps have no engines to produce ahead; "
+                         "set rollout.max_staleness=0")  # fmt: skip
 
 
 class TimedReward:

@@ -19,12 +19,20 @@ Fault handling: a request that fails or times out is retried on another engine (
 preferring engines it has not failed on), at most ``max_retries`` times; an engine whose health check
 fails is skipped for the rest of the run (or replaced through ``restart_engine``). Each group gets an
 id when submitted and is offered at most once, so no sample is lost or counted twice.
+
+Partial rollouts (``keep_partial``, asynchronous DAPO): an aborted request is not retried from
+scratch; its samples keep their tokens and continue from ``prompt + response so far`` with the
+remaining budget (``rollout/partial.py``), so a response may mix weight versions. When a run stops
+(batch full, or :meth:`StreamingRollout.head_start` interrupted by a weight sync), groups still in
+progress are kept in ``partials`` and finished unused ones in ``carry``; the next run continues and
+offers them first, unless older than ``min_version`` (then re-generated, or dropped, and counted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -34,6 +42,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 from dapo_megatron.algo.dynamic_sampling import GroupAccumulator
 from dapo_megatron.algo.overlong import overlong_penalty
 from dapo_megatron.rollout.base import Completion, EngineError, RolloutEngine, SamplingParams
+from dapo_megatron.rollout.partial import GID, extend, from_group, oldest_version, to_group, unfinished
 from dapo_megatron.types import Group, Sample
 
 _HEALTH_TIMEOUT_S = 10.0
@@ -82,6 +91,8 @@ class StreamingRollout:
         request_timeout_s / max_retries: per-request bound and retries on other engines.
         keep_surplus: carry fully completed surplus groups into the next :meth:`run`.
         restart_engine: optional ``async (index) -> RolloutEngine | None`` called for an unhealthy engine.
+        keep_partial: partial rollouts (asynchronous DAPO, see the module docstring); implies keeping
+            finished surplus groups.
     """
 
     def __init__(
@@ -106,6 +117,7 @@ class StreamingRollout:
         max_retries: int = 3,
         keep_surplus: bool = False,
         restart_engine: Optional[Callable[[int], Awaitable[Optional[RolloutEngine]]]] = None,
+        keep_partial: bool = False,
     ):
         if filter_metric not in ("acc", "score", "seq_reward"):
             raise ValueError(f"filter_metric must be acc, score or seq_reward, got {filter_metric!r}")
@@ -125,13 +137,20 @@ class StreamingRollout:
         self._next_gid = 0
         self._stopping = False
         self._cond: Optional[asyncio.Condition] = None
+        self.keep_partial = keep_partial
+        self.partials: List[Group] = []  # groups in progress (keep_partial), see rollout/partial.py
+        self.min_version: Optional[int] = None  # staleness floor of carried and partial work (keep_partial)
+        self.stale = {"dropped_groups": 0, "regenerated_groups": 0, "continued_groups": 0}  # since last read
+        self._segment_cap: Optional[int] = None  # per-request token cap of a fixed-interleave head start
 
     def state_dict(self) -> Dict[str, Any]:
         """What a resumed run needs to draw the same seeds and offer the same carried groups."""
-        return {"next_gid": self._next_gid, "carry": list(self.carry), "acc": self.acc.state_dict()}
+        return {"next_gid": self._next_gid, "carry": list(self.carry), "acc": self.acc.state_dict(),
+                "partials": list(self.partials)}  # fmt: skip
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._next_gid, self.carry = int(state["next_gid"]), list(state["carry"])
+        self.partials = list(state.get("partials", []))  # absent in checkpoints of the synchronous loop
         self.acc.load_state_dict(state["acc"])
 
     # ------------------------------------------------------------------ engine pool
@@ -185,7 +204,7 @@ class StreamingRollout:
                 self._cond.notify_all()
 
     # ------------------------------------------------------------------ one group
-    def _params_for(self, gid: int, attempt: int) -> SamplingParams:
+    def _params_for(self, gid: int, attempt: int, max_new_tokens: Optional[int] = None) -> SamplingParams:
         """Params of one request: a distinct, reproducible seed per (group, attempt), so engines started
         with the same seed do not produce identical groups for repeated prompts.
 
@@ -193,7 +212,8 @@ class StreamingRollout:
         ``n`` samples its own seed (the SGLang adapter sends ``seed + i`` for sample ``i``); sending the
         same seed to all ``n`` would make the group ``n`` copies of one response, zero variance."""
         base = self.sampling.seed or 0
-        return self.sampling.with_seed((base * 1_000_003 + gid * 7_919 + attempt) % (2**31))
+        params = self.sampling.with_seed((base * 1_000_003 + gid * 7_919 + attempt) % (2**31))
+        return params if max_new_tokens is None else dataclasses.replace(params, max_new_tokens=max_new_tokens)
 
     async def _start(
         self, engine: RolloutEngine, item: PromptItem, params: SamplingParams
@@ -237,6 +257,129 @@ class StreamingRollout:
             f"group {gid} (prompt {item.prompt_index}) failed {self.max_retries + 1} times: " + "; ".join(errors)
         )
 
+    # ------------------------------------------------------------------ partial rollouts (keep_partial)
+    async def _request(self, item: PromptItem, params_of: Callable[[int], SamplingParams]) -> Optional[list]:
+        """One request retried across engines (``params_of(attempt)``); None once the run is stopping.
+        Aborted completions are returned as they are: the caller continues them."""
+        failed_on: set = set()
+        errors: List[str] = []
+        for attempt in range(self.max_retries + 1):
+            idx = await self._acquire(failed_on)
+            if idx is None:
+                return None
+            engine = self.engines[idx]
+            try:
+                out = await asyncio.wait_for(self._start(engine, item, params_of(attempt)), self.request_timeout_s)
+            except (EngineError, asyncio.TimeoutError, OSError) as e:
+                errors.append(f"engine {idx}: {type(e).__name__}: {e}")
+                failed_on.add(idx)
+                await self._release(idx)
+                self.stats.retries += 1
+                await self._check_engine(idx, engine)
+                continue
+            await self._release(idx)
+            return out
+        raise RolloutFailed(f"prompt {item.prompt_index} failed {self.max_retries + 1} times: " + "; ".join(errors))
+
+    def _budget(self, done: int) -> int:
+        left = self.max_response_len - done
+        return min(left, self._segment_cap) if self._segment_cap else left
+
+    async def _continue(self, item: PromptItem, gid: int, i: int, c: Optional[Completion]) -> Optional[Completion]:
+        """Sample ``i`` of group ``gid`` one segment further: prompt + its tokens so far, n=1, the
+        remaining budget, a seed fixed by (group, sample, tokens so far) so a resumed run redraws it."""
+        done = len(c.token_ids) if c else 0
+        seed = ((self.sampling.seed or 0) * 1_000_003 + gid * 7_919 + (i + 1) * 104_729 + done * 31) % (2**31)
+        cont = dataclasses.replace(item, prompt_ids=list(item.prompt_ids) + (list(c.token_ids) if c else []))
+
+        def params_of(attempt: int) -> SamplingParams:
+            return dataclasses.replace(self.sampling, n=1, max_new_tokens=self._budget(done), seed=seed + attempt)
+
+        out = await self._request(cont, params_of)
+        return None if out is None else extend(c, out[0], max_response_len=self.max_response_len)
+
+    async def _partial_group(self, item: PromptItem, gid: int, parts: Optional[list]) -> Any:
+        """``(completions, meta)`` once every sample finished (aborted ones continued with the weights of
+        the moment); the group in progress as a :class:`Group` when the run stops first (or after one
+        segment of a fixed-interleave head start)."""
+        parts = list(parts) if parts else [None] * self.sampling.n
+        segments = 0
+        while any(unfinished(c) for c in parts):
+            if self._stopping or (self._segment_cap and segments > 0):
+                return to_group(item.prompt_index, item.prompt_ids, item.ground_truth, {**item.metadata, GID: gid},
+                                parts)  # fmt: skip
+            if all(c is None for c in parts):  # not started: one request for the whole group
+                fresh = functools.partial(self._params_for, gid, max_new_tokens=self._budget(0))
+                out = await self._request(item, fresh)
+                if out is not None:
+                    parts = [extend(None, c, max_response_len=self.max_response_len) for c in out]
+                    self.stats.tokens += sum(len(c.token_ids) for c in out)
+            else:
+                todo = [i for i, c in enumerate(parts) if unfinished(c)]
+                outs = await asyncio.gather(*(self._continue(item, gid, i, parts[i]) for i in todo))
+                for i, c in zip(todo, outs):
+                    if c is not None:
+                        self.stats.tokens += len(c.token_ids) - len(parts[i].token_ids if parts[i] else [])
+                        parts[i] = c
+            segments += 1
+        return parts, {"group_id": gid, "segments": segments}
+
+    def _resubmit_partials(self, tasks: Dict[asyncio.Task, int]) -> None:
+        """Continue the groups in progress first; one whose oldest token is below ``min_version`` is
+        re-generated from its prompt (a fresh group id, so fresh seeds)."""
+        partials, self.partials = self.partials, []
+        for group in partials:
+            meta, parts = from_group(group)
+            gid = int(meta.pop(GID))
+            item = PromptItem(group.prompt_index, list(group.samples[0].prompt_ids), group.ground_truth, meta)
+            oldest = oldest_version(parts)
+            if self.min_version is not None and oldest is not None and oldest < self.min_version:
+                self.stale["regenerated_groups"] += 1
+                gid, self._next_gid, parts = self._next_gid, self._next_gid + 1, None
+            else:
+                self.stale["continued_groups"] += 1
+            tasks[asyncio.ensure_future(self._run_group(item, gid, parts))] = gid
+
+    def _too_stale(self, group: Group) -> bool:
+        if self.min_version is None or min(s.weight_version for s in group.samples) >= self.min_version:
+            return False
+        self.stale["dropped_groups"] += 1
+        return True
+
+    def _keep(self, group: Optional[Group]) -> None:
+        """A group that finished or stopped outside a step's batch: carried (finished) or continued later."""
+        if group is not None:
+            (self.partials if is_partial(group) else self.carry).append(group)
+
+    async def head_start(
+        self, prompt_source: Callable[[int], List[PromptItem]], interrupt: asyncio.Event, *,
+        segment_cap: Optional[int] = None,
+    ) -> Dict[str, float]:  # fmt: skip
+        """keep_partial: work on the next step while the actor trains. Continues the groups in progress
+        and, unless the carried and running groups already fill a batch, submits one round
+        (``gen_prompts_per_round`` prompts, not counted against ``max_num_gen_batches``); runs until
+        all are done or ``interrupt`` is set (the weight sync), then aborts what runs, keeping tokens.
+        ``segment_cap``: every request stops after that many tokens (a fixed interruption point)."""
+        self._cond, self._stopping, self.stats = asyncio.Condition(), False, _Stats()
+        self._check_locks = [asyncio.Lock() for _ in self.engines]
+        self._segment_cap, start = segment_cap, time.monotonic()
+        tasks: Dict[asyncio.Task, int] = {}
+        stop = asyncio.ensure_future(interrupt.wait())
+        try:
+            self._resubmit_partials(tasks)
+            if len(self.carry) + len(tasks) < self.acc.target_groups:
+                self._submit_round(prompt_source, tasks, self.gen_prompts_per_round)
+            while tasks and not interrupt.is_set():
+                done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done - {stop}, key=tasks.__getitem__):
+                    tasks.pop(task)
+                    self._keep(task.result())
+        finally:
+            stop.cancel()
+            self._segment_cap = None
+            await self._stop(tasks)
+        return {"async/head_start_s": time.monotonic() - start, "async/head_start_tokens": float(self.stats.tokens)}
+
     def _score(self, item: PromptItem, completions: List[Completion], meta: dict) -> Group:
         """Reward on the decoded text, plus the overlong penalty (on lengths in tokens)."""
         enable, buffer_len, factor = self.overlong
@@ -258,23 +401,30 @@ class StreamingRollout:
                     list(c.logprobs),
                     c.finish_reason,
                     weight_version=c.weight_version,
+                    token_versions=list(c.meta.get("token_versions", [])),
                     score=float(res.score),
                     acc=bool(res.acc),
                     pred=res.pred,
                     reward=float(res.score) + pen,
                 )
             )
-        self.stats.tokens += sum(lengths)
+        if not self.keep_partial:  # partial rollouts count each segment as it arrives (_partial_group)
+            self.stats.tokens += sum(lengths)
         return Group(item.prompt_index, item.ground_truth, samples, metadata={**item.metadata, **meta})
 
     def metric_values(self, group: Group) -> List[float]:
         key = {"acc": "acc", "score": "score", "seq_reward": "reward"}[self.filter_metric]
         return [float(getattr(s, key)) for s in group.samples]
 
-    async def _run_group(self, item: PromptItem, gid: int) -> Optional[Group]:
-        out = await self._generate_group(item, gid)
-        if out is None:
-            return None
+    async def _run_group(self, item: PromptItem, gid: int, parts: Optional[list] = None) -> Optional[Group]:
+        """The scored group; None when the step stopped first; with ``keep_partial`` the unscored
+        group in progress (:func:`is_partial`) when it stopped."""
+        if self.keep_partial:
+            out = await self._partial_group(item, gid, parts)
+        else:
+            out = await self._generate_group(item, gid)
+        if out is None or isinstance(out, Group):
+            return out
         # Scoring may be slow (math-verify workers): keep it off the event loop.
         return await asyncio.to_thread(self._score, item, *out)
 
@@ -314,8 +464,10 @@ class StreamingRollout:
         start = time.monotonic()
         carried, self.carry = self.carry, []
         for group in carried:  # surplus of the last step (keep_surplus) is offered first
-            self.acc.offer(group, self.metric_values(group))
+            if not self._too_stale(group):
+                self.acc.offer(group, self.metric_values(group))
         tasks: Dict[asyncio.Task, int] = {}
+        self._resubmit_partials(tasks)
         accepted: set = set()
         rounds_left = True
         try:
@@ -342,7 +494,7 @@ class StreamingRollout:
         # Completion order is a race between engines; the trainer sees prompt order so a step's
         # batch (and its micro-batch split) does not depend on which request finished first.
         batch = sorted(self.acc.take(), key=lambda g: g.prompt_index)
-        if self.keep_surplus:
+        if self.keep_surplus or self.keep_partial:
             self.carry.extend(self.acc.surplus)
         return batch, self._metrics(batch, time.monotonic() - start)
 
@@ -362,8 +514,12 @@ class StreamingRollout:
         for task in pending:
             task.cancel()
         self.stats.late_discarded = len(tasks)
-        for task in done:
-            if not task.cancelled() and task.exception() is None and task.result() is not None and self.keep_surplus:
+        for task in sorted(done, key=tasks.__getitem__):  # group order: a reproducible carry
+            if task.cancelled() or task.exception() is not None:
+                continue
+            if self.keep_partial:
+                self._keep(task.result())
+            elif task.result() is not None and self.keep_surplus:
                 self.carry.append(task.result())
 
     def _metrics(self, batch: List[Group], elapsed: float) -> Dict[str, float]:
@@ -380,6 +536,11 @@ class StreamingRollout:
             "rollout/aborted_groups": float(self.stats.late_discarded),
             "rollout/healthy_engines": float(sum(self.healthy)),
         }
+
+
+def is_partial(group: Group) -> bool:
+    """A group still in progress (some sample cut short), not yet scored."""
+    return any(s.finish_reason == "abort" for s in group.samples)
 
 
 # ---------------------------------------------------------------------- debug seam
