@@ -91,7 +91,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         save_placement(plan, args.json)
         _ensure_engine_key(os.path.dirname(os.path.abspath(args.json)), bool(plan.engines))
-    lines, fits = config_report(cfg, plan.trainer_world_size, args.model_preset, args.gpu_mem_gib)
+    lines, fits = ["memory plan: skipped, no GPUs in this allocation (--gpus-per-node G plans them)"], None
+    if plan.gpus_per_node or args.model_preset:
+        lines, fits = config_report(cfg, plan.trainer_world_size, args.model_preset, args.gpu_mem_gib)
     print("\n".join([""] + lines))
     return 1 if args.require_fit and fits is False else 0
 

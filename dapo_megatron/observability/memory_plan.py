@@ -270,7 +270,8 @@ def kv_bytes_per_token(shape: ModelShape, engine_tp: int, kv_dtype: str = "bf16"
 
 
 def engine_weight_bytes(shape: ModelShape, rollout: Rollout) -> int:
-    """Engine weight bytes per GPU: the model TP-sharded over ``engine_tp`` GPUs, one stage."""
+    """Engine weight bytes per GPU: the model TP-sharded over ``engine_tp`` GPUs, one stage (MoE: each
+    expert split over the ``engine_tp`` GPUs too, SGLang's default without expert parallelism)."""
     return stage_params(shape, Layout(tp=rollout.engine_tp), 0) * dtype_bytes(rollout.weights_dtype)
 
 
