@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dapo_megatron.algo.policy_loss import aggregate_loss, policy_loss
-from dapo_megatron.algo.tis import tis_weights
 from dapo_megatron.config import AlgoConfig, ModelConfig, OptimConfig, TrainConfig
 from dapo_megatron.megatron.batching import MicroBatch, MiniBatchPlan, plan_minibatches
 from dapo_megatron.megatron.dispatch import StepShard, dispatch_step, plan_step
 from dapo_megatron.megatron.loss_scaling import CALCULATE_PER_TOKEN_LOSS, scale_loss
 from dapo_megatron.megatron.offload import StateOffloader, grad_tensors, model_tensors, optimizer_tensors
+from dapo_megatron.megatron.offpolicy import accumulate, is_metrics, is_weights, reduce_stats, stat_keys
 from dapo_megatron.megatron.optim import build_optimizer
 from dapo_megatron.megatron.token_padding import pad_for_schedule, sequence_multiple
 from dapo_megatron.types import TrainBatch
@@ -303,9 +303,7 @@ class MegatronActor:
 
         def loss_func(logits: Tensor):
             lp, ent = self._token_logprobs(logits, mb, temperature, entropy=True)
-            weights = None
-            if algo.tis.enable:
-                weights, _ = tis_weights(mb.old_logprobs, mb.rollout_logprobs, mb.loss_mask, cap=algo.tis.cap)
+            weights, is_stats = is_weights(mb, algo.tis)  # pi_old / pi_rollout (None when algo.tis is off)
             per_token, stats = policy_loss(
                 lp, mb.old_logprobs, mb.advantages, mb.loss_mask,
                 clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
@@ -314,6 +312,7 @@ class MegatronActor:
             pg = agg(per_token, mb.loss_mask)
             loss = pg - algo.entropy_coeff * agg(ent, mb.loss_mask) if algo.entropy_coeff > 0 else pg
             mask = mb.loss_mask != 0
+            stats.update(is_stats)
             _accumulate(acc, stats, loss=loss, pg_loss=pg, entropy_sum=torch.where(mask, ent, 0.0).sum())
             return scale_loss(loss, plan.num_microbatches, self.topology.dp), {}
 
@@ -346,17 +345,10 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ collectives
     def _reduce_stats(self, acc: Dict) -> Dict[str, float]:
-        """Sum ``acc`` over DP, then over PP (only the last stage holds values); max for ratio_max."""
-        ps = self._ps
-        dev = self._device or torch.device("cpu")
-        sums = torch.tensor([float(acc.get(k, 0.0)) for k in _SUM_KEYS], dtype=torch.float64, device=dev)
-        peak = torch.tensor([float(acc.get("ratio_max", 0.0))], dtype=torch.float64, device=dev)
-        for group in (ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()):
-            dist.all_reduce(sums, group=group)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-        out = dict(zip(_SUM_KEYS, sums.tolist()))
-        out["ratio_max"] = float(peak.item())
-        return out
+        """Sum ``acc`` over DP, then over PP (only the last stage holds values); max/min for the peaks."""
+        groups = (self._ps.get_data_parallel_group(), self._ps.get_pipeline_model_parallel_group())
+        keys = stat_keys(_SUM_KEYS, ("ratio_max",), self.algo_cfg.tis)
+        return reduce_stats(acc, keys, groups=groups, device=self._device or torch.device("cpu"))
 
     def _grads_nonfinite(self) -> bool:
         """True on every rank when any rank holds a non-finite gradient (after the DP reduction)."""
@@ -553,13 +545,8 @@ class MegatronActor:
 
 
 def _accumulate(acc: Dict, stats: Dict[str, Tensor], **extra: Tensor) -> None:
-    """Add detached per-micro-batch sums into ``acc`` (``ratio_max`` by max)."""
-    for k, v in {**stats, **extra}.items():
-        v = float(v.detach())
-        if k == "ratio_max":
-            acc[k] = max(acc.get(k, 0.0), v)
-        else:
-            acc[k] = acc.get(k, 0.0) + v
+    """Add detached per-micro-batch sums into ``acc`` (``*_max`` by max, ``*_min`` by min)."""
+    accumulate(acc, {**stats, **extra})
 
 
 def summarize_updates(updates: List[Dict[str, float]], num_tokens: float) -> Dict[str, float]:
@@ -586,4 +573,5 @@ def summarize_updates(updates: List[Dict[str, float]], num_tokens: float) -> Dic
         "num_tokens": float(num_tokens),
         "skipped_updates": float(sum(1 for u in updates if not u["stepped"])),
         "updates": float(len(updates)),
+        **is_metrics(updates, tokens),
     }
