@@ -194,3 +194,41 @@ def test_staleness_outside_the_bound_is_an_error():
         staleness_histogram([1], current_version=1, max_staleness=-1)
     with pytest.raises(ValueError, match="mask shape"):
         staleness_histogram(torch.zeros(2, 3), current_version=1, max_staleness=1, mask=torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- actor-side bookkeeping (no processes)
+def test_stat_keys_accumulate_and_step_metrics_use_the_agreed_names():
+    from dapo_megatron.megatron.offpolicy import accumulate, is_metrics, is_weights, stat_keys
+    from dapo_megatron.observability import metric_names as M
+
+    tis = TISConfig(enable=True, mode="mask", mask_low=0.5, mask_high=2.5)
+    sums, peaks, lows = stat_keys(("loss", "num_tokens"), ("ratio_max",), tis)
+    assert sums[:2] == ("loss", "num_tokens") and peaks == ("ratio_max", "tis_weight_max")
+    assert lows == ("tis_weight_min",) and "tis_hist_2_2.5" in sums and "tis_hist_2.5_inf" in sums
+    assert stat_keys(("loss",), ("ratio_max",), TISConfig()) == (("loss",), ("ratio_max",), ())
+
+    old, rollout, mask = _token_case()  # raw weights .25, 1, 1.5, 3 -> .25 and 3 masked
+    mb = type("MB", (), {"old_logprobs": old, "rollout_logprobs": rollout, "loss_mask": mask})()
+    acc: dict = {}
+    for _ in range(2):  # two micro-batches of the same update
+        _, stats = is_weights(mb, tis)
+        accumulate(acc, {**stats, "num_tokens": mask.sum()})
+    assert acc["tis_masked_sum"] == 4.0 and acc["tis_weight_max"] == pytest.approx(3.0)
+    assert acc["tis_weight_min"] == pytest.approx(0.25) and set(acc) >= set(sums[1:] + peaks[1:] + lows)
+    metrics = is_metrics([acc, acc], num_tokens=16.0)
+    assert metrics[M.TIS_MASKED_FRAC] == 0.5 and metrics[M.TIS_WEIGHT_MEAN] == pytest.approx(2.5 / 4)
+    assert metrics[M.TIS_CAPPED_FRAC] == 0.0 and metrics[M.TIS_WEIGHT_MAX] == pytest.approx(3.0)
+    assert metrics[M.tis_hist_key(0, 0.5)] == 0.25 and metrics[M.tis_hist_key(2.5, math.inf)] == 0.25
+    hist = {
+        M.tis_hist_key(lo, hi) for lo, hi in zip((0, 0.5, 0.8, 1, 1.25, 2, 2.5), (0.5, 0.8, 1, 1.25, 2, 2.5, math.inf))
+    }
+    assert set(metrics) == set(M.TIS_KEYS) | hist
+    assert is_metrics([acc], num_tokens=0.0)[M.TIS_WEIGHT_MIN] == 0.0  # no tokens: no neutral sentinel leaks
+    assert is_weights(mb, TISConfig()) == (None, {}) and is_metrics([{"loss": 1.0}], 1.0) == {}
+
+
+def test_staleness_metric_names_agree():
+    from dapo_megatron.observability import metric_names as M
+
+    m = staleness_histogram([3, 2], current_version=3, max_staleness=1).metrics()
+    assert set(m) == {M.staleness_count_key(0), M.staleness_count_key(1), M.STALENESS_MAX, M.STALENESS_MEAN}

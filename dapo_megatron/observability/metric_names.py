@@ -27,6 +27,33 @@ RESPONSE_TRUNCATION_RATE = "response/truncation_rate"  # fraction that hit max_r
 DS_KEPT_RATIO = "ds/kept_ratio"  # kept groups / generated groups over the step's rounds
 DS_ROUNDS = "ds/rounds"  # generation rounds the step needed
 
+# Off-policy correction (only with algo.tis.enable; MegatronActor.train_step reports them under these
+# keys). Token-weighted over the step's response tokens; "raw" is pi_old / pi_rollout before the cap
+# or the mask, "applied" is what multiplies the loss.
+TIS_WEIGHT_MEAN = "tis/weight_mean"  # mean applied weight (masked tokens count as 0)
+TIS_WEIGHT_MAX = "tis/weight_max"  # largest raw weight
+TIS_WEIGHT_MIN = "tis/weight_min"  # smallest raw weight
+TIS_CAPPED_FRAC = "tis/capped_frac"  # tokens whose weight was cut to algo.tis.cap (truncate mode)
+TIS_MASKED_FRAC = "tis/masked_frac"  # tokens zeroed by [mask_low, mask_high] (mask mode)
+TIS_KEYS = (TIS_WEIGHT_MEAN, TIS_WEIGHT_MAX, TIS_WEIGHT_MIN, TIS_CAPPED_FRAC, TIS_MASKED_FRAC)
+
+
+def tis_hist_key(lo: float, hi: float) -> str:
+    """Share of tokens whose raw weight lies in ``[lo, hi)``: ``tis/hist_<lo>_<hi>`` (``%g`` numbers;
+    the buckets are ``algo.offpolicy.hist_edges`` of the config)."""
+    return f"tis/hist_{lo:g}_{hi:g}"
+
+
+# Staleness of an asynchronous step's samples (algo.staleness.StalenessHistogram.metrics()).
+STALENESS_MAX = "staleness/max"  # versions between the oldest item and the trained policy
+STALENESS_MEAN = "staleness/mean"
+
+
+def staleness_count_key(lag: int) -> str:
+    """Items generated ``lag`` versions before the trained policy: ``staleness/count_<lag>``."""
+    return f"staleness/count_{lag}"
+
+
 # Evaluation (logged only on evaluation steps).
 EVAL_ACC = "eval/acc"
 
