@@ -4,6 +4,10 @@ The engine samples with its own kernels (and possibly lower precision), so its l
 slightly from the trainer's recomputed ``old_logprobs`` for the same weights. Weighting each
 token's loss by ``min(pi_old / pi_rollout, cap)`` corrects the off-policy gap while the cap bounds
 the variance. Shapes: all ``[B, T]`` target-aligned (see :mod:`dapo_megatron.types`).
+
+The loss uses the general form, :func:`dapo_megatron.algo.offpolicy.offpolicy_weights` (token,
+sequence or geometric level; truncated or masked), which equals :func:`tis_weights` at its defaults.
+This function stays for the old-log-prob gap metrics (``megatron/dispatch.gap_stats``).
 """
 
 from __future__ import annotations
