@@ -6,7 +6,8 @@ token's loss by ``min(pi_old / pi_rollout, cap)`` corrects the off-policy gap wh
 the variance. Shapes: all ``[B, T]`` target-aligned (see :mod:`dapo_megatron.types`).
 
 The loss uses the general form, :func:`dapo_megatron.algo.offpolicy.offpolicy_weights` (token,
-sequence or geometric level; truncated or masked), which equals :func:`tis_weights` at its defaults.
+sequence or geometric level; truncated or masked); at its defaults its weights are those of
+:func:`tis_weights` (bitwise, for log-ratios inside its +-80 clamp).
 This function stays for the old-log-prob gap metrics (``megatron/dispatch.gap_stats``).
 """
 
