@@ -138,7 +138,7 @@ def test_stale_work_is_dropped_or_regenerated_and_counted():
     ro._next_gid = 200
     ro.min_version = 1
     batch, _ = asyncio.run(ro.run(prompts))
-    assert ro.stale == {"dropped_groups": 1, "regenerated_groups": 1, "continued_groups": 0}
+    assert ro.stale == {"dropped_stale_groups": 1, "regenerated_stale_groups": 1, "continued_groups": 0}
     assert sorted(g.prompt_index for g in batch) == [101, 102] and prompts.drawn == 0
     regenerated = next(g for g in batch if g.prompt_index == 102)
     assert all(s.token_versions == [3] * L for s in regenerated.samples)

@@ -140,7 +140,11 @@ class StreamingRollout:
         self.keep_partial = keep_partial
         self.partials: List[Group] = []  # groups in progress (keep_partial), see rollout/partial.py
         self.min_version: Optional[int] = None  # staleness floor of carried and partial work (keep_partial)
-        self.stale = {"dropped_groups": 0, "regenerated_groups": 0, "continued_groups": 0}  # since last read
+        self.stale = {
+            "dropped_stale_groups": 0,
+            "regenerated_stale_groups": 0,
+            "continued_groups": 0,
+        }  # since last read
         self._segment_cap: Optional[int] = None  # per-request token cap of a fixed-interleave head start
 
     def state_dict(self) -> Dict[str, Any]:
@@ -334,7 +338,7 @@ class StreamingRollout:
             item = PromptItem(group.prompt_index, list(group.samples[0].prompt_ids), group.ground_truth, meta)
             oldest = oldest_version(parts)
             if self.min_version is not None and oldest is not None and oldest < self.min_version:
-                self.stale["regenerated_groups"] += 1
+                self.stale["regenerated_stale_groups"] += 1
                 gid, self._next_gid, parts = self._next_gid, self._next_gid + 1, None
             else:
                 self.stale["continued_groups"] += 1
@@ -343,7 +347,7 @@ class StreamingRollout:
     def _too_stale(self, group: Group) -> bool:
         if self.min_version is None or min(s.weight_version for s in group.samples) >= self.min_version:
             return False
-        self.stale["dropped_groups"] += 1
+        self.stale["dropped_stale_groups"] += 1
         return True
 
     def _keep(self, group: Optional[Group]) -> None:

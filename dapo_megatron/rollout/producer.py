@@ -68,7 +68,7 @@ class AsyncProducer:
         self.rollout.min_version = step - 1 - self.max_staleness
         groups, stats = self.loop.run_until_complete(self.rollout.run(self.prompts))
         stats.update(version_metrics(groups, current=step - 1, max_staleness=self.max_staleness))
-        stats.update({f"async/stale_{k}": float(v) for k, v in self.rollout.stale.items()})
+        stats.update({f"async/{k}": float(v) for k, v in self.rollout.stale.items()})
         self.rollout.stale = dict.fromkeys(self.rollout.stale, 0)
         self._start_head_start()
         return groups, stats
