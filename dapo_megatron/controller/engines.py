@@ -1,6 +1,8 @@
 """Rollout engines for a run, chosen by ``rollout.engine``; built on trainer rank 0 only.
 
-* ``embedded``: ``rollout.num_engines`` in-process transformers engines (the CPU default);
+* ``embedded``: ``rollout.num_engines`` transformers engines (the CPU default), in this process, or
+  each in a worker process of its own with ``rollout.embedded_process`` (weights then reach it through
+  shared memory inside its ``update_weights``, so :func:`connect_weight_transport` has nothing to join);
 * ``vllm``: in-process ``vllm.LLM`` engines on ``model.hf_path``;
 * ``sglang``: real SGLang servers. Under sbatch they were started by ``dapo-megatron engines`` from the
   saved placement plan (``<run.dir>/placement.json``) and are reached through the sglang-router; with
@@ -49,6 +51,8 @@ def build_engines(cfg: Config, run_dir: str) -> List[Any]:
         from dapo_megatron.rollout.embedded import EmbeddedEngine
 
         hf = read_hf_config(cfg.model.hf_path)
+        if cfg.rollout.embedded_process:
+            return _embedded_workers(cfg, hf, run_dir)
         return [EmbeddedEngine(hf, seed=cfg.rollout.seed + i) for i in range(n)]
     if kind == "vllm":
         from dapo_megatron.rollout.vllm import VLLMEngine
@@ -67,6 +71,34 @@ def build_engines(cfg: Config, run_dir: str) -> List[Any]:
             return [_sglang_from_placement(cfg, plan_path, run_dir)]
         return [_local_sglang_fleet(cfg, run_dir)]
     raise ValueError(f"rollout.engine={kind!r}: expected embedded, vllm or sglang")
+
+
+def _embedded_workers(cfg: Config, hf: dict, run_dir: str) -> List[Any]:
+    """``rollout.num_engines`` embedded engines, each in a worker process of its own, started
+    together (each spends most of its start-up importing torch and transformers); their logs go to
+    ``<run.dir>/logs/embedded_worker<i>.log``. If one fails to start, the others are stopped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dapo_megatron.rollout.embedded_client import EmbeddedWorkerEngine
+
+    logs = os.path.join(run_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+
+    def start(i: int) -> Any:
+        log = os.path.join(logs, f"embedded_worker{i}.log")
+        timeout = cfg.rollout.server_start_timeout_s
+        return EmbeddedWorkerEngine.start(hf, seed=cfg.rollout.seed + i, start_timeout_s=timeout, log_path=log)
+
+    n = cfg.rollout.num_engines
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(start, i) for i in range(n)]
+    started = [f.result() for f in futures if f.exception() is None]
+    failed = [e for e in (f.exception() for f in futures) if e is not None]
+    if failed:
+        for engine in started:
+            engine.close()
+        raise failed[0]
+    return started
 
 
 def sglang_device(cfg: Config) -> str:
