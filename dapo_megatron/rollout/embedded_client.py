@@ -133,7 +133,7 @@ class EmbeddedWorkerEngine:
                     resolve = self._pending.pop(rid, None)
                 if resolve is not None:
                     resolve(ok, value)
-        except (OSError, EOFError, ValueError) as e:  # end of stream, or the socket closed by shutdown
+        except Exception as e:  # end of stream, the socket closed by close(), or a garbled frame: all fatal
             self._fail(self._death_reason(e))
 
     def _death_reason(self, e: BaseException) -> str:

@@ -5,7 +5,7 @@ Frames: an 8-byte little-endian length, then a pickle. Pickle is safe here becau
 ``socketpair`` inherited by exactly one child: nobody else can write to it.
 
 Weights do not travel through the socket. The client copies a bucket into one shared-memory file
-(``/dev/shm`` when present), every tensor at a 64-byte-aligned offset, and sends only the layout
+(``/dev/shm``, else the temp folder), every tensor at a 64-byte-aligned offset, and sends only the layout
 ``[(name, dtype, shape, offset, nbytes)]``; the worker maps the same file and hands the engine views
 of it. The file is unlinked as soon as the worker has mapped it, so a crash leaves nothing behind.
 """
@@ -86,16 +86,31 @@ def error_from(payload: Tuple[str, str]) -> Exception:
 
 
 # ----------------------------------------------------------------------------- shared-memory bucket
-def _shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
 def _map(path: str, size: int, *, create: bool) -> Tuple[mmap.mmap, Tensor]:
     with open(path, "w+b" if create else "r+b") as f:
         if create:
-            f.truncate(size)
+            # Reserve the pages now: a sparse file on a full tmpfs would SIGBUS at the first write.
+            os.posix_fallocate(f.fileno(), 0, size)
         mm = mmap.mmap(f.fileno(), size)
     return mm, torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def _new_buffer(size: int) -> Tuple[str, mmap.mmap, Tensor]:
+    """A new shared file of ``size`` bytes in ``/dev/shm``, or in the temp folder when ``/dev/shm`` is
+    absent or too small (containers often give it 64 MB; a disk-backed file is shared as well, through
+    the page cache)."""
+    dirs = [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d)]
+    for i, folder in enumerate(dirs):
+        fd, path = tempfile.mkstemp(prefix="dapo-embedded-weights-", dir=folder)
+        os.close(fd)
+        try:
+            mm, buf = _map(path, size, create=True)
+            return path, mm, buf
+        except OSError:
+            os.unlink(path)
+            if i == len(dirs) - 1:
+                raise
+    raise OSError("no folder for the shared weight buffer")
 
 
 def _close_map(mm: Optional[mmap.mmap]) -> None:
@@ -134,10 +149,7 @@ class SharedBucketWriter:
 
     def _grow(self, size: int) -> None:
         self.close()
-        fd, path = tempfile.mkstemp(prefix="dapo-embedded-weights-", dir=_shm_dir())
-        os.close(fd)
-        self._mm, self._buf = _map(path, size, create=True)
-        self.pending_path = path
+        self.pending_path, self._mm, self._buf = _new_buffer(size)
 
     def mapped(self) -> None:
         """The worker has the new file mapped (or failed to): unlink it, the mappings keep the memory."""
