@@ -1,10 +1,11 @@
 """The embedded transformers engine: logprobs equal a teacher-forced recomputation, stop/length/abort,
-seeded determinism, and live weight updates with versions."""
+seeded determinism, and live weight updates with versions. (Batching across requests, batch
+invariance and weight-version ordering: tests/test_embedded_batching.py.)"""
 
 import asyncio
 import json
 import pathlib
-import threading
+import time
 
 import pytest
 import torch
@@ -16,9 +17,15 @@ CONFIG = json.loads((pathlib.Path(__file__).parent / "rollout_fixtures" / "tiny_
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]  # different lengths: exercises left padding
 
 
+def small(config=None, seed=0, **kw):
+    """An engine with few slots and a short cache: every step computes all slots, so tests keep it small."""
+    kw = {"max_batch_rows": 8, "max_seq_len": 64, **kw}
+    return EmbeddedEngine(config or {**CONFIG, "eos_token_id": None}, seed=seed, **kw)
+
+
 @pytest.fixture(scope="module")
 def engine():
-    return EmbeddedEngine({**CONFIG, "eos_token_id": None}, seed=0)
+    return small()
 
 
 def teacher_forced(model, prompt, response, temperature):
@@ -69,8 +76,8 @@ def test_stop_token_ends_with_stop_and_is_included(engine):
 
 
 def test_eos_from_config_stops():
-    eng = EmbeddedEngine(CONFIG, seed=0)
-    probe = EmbeddedEngine({**CONFIG, "eos_token_id": None}, seed=0)
+    eng = small(CONFIG)
+    probe = small()
     p = SamplingParams(max_new_tokens=30, seed=1)
     free = probe.generate_sync([PROMPTS[0]], p)[0][0].token_ids
     eos_run = eng.generate_sync([PROMPTS[0]], p)[0][0]
@@ -91,7 +98,7 @@ def test_top_k_and_top_p_restrict_the_draws():
 
 
 def test_update_weights_changes_outputs_and_stamps_version():
-    eng = EmbeddedEngine({**CONFIG, "eos_token_id": None}, seed=0)
+    eng = small()
     params = SamplingParams(n=2, max_new_tokens=10, seed=9)
     before = eng.generate_sync(PROMPTS, params)
     assert {c.weight_version for g in before for c in g} == {0}
@@ -102,7 +109,7 @@ def test_update_weights_changes_outputs_and_stamps_version():
     assert eng.weight_version == 7 and {c.weight_version for g in after for c in g} == {7}
     assert [c.token_ids for c in before[0]] != [c.token_ids for c in after[0]]
     # The engine now holds exactly the new weights: logprobs match a model built from them.
-    ref = EmbeddedEngine({**CONFIG, "eos_token_id": None}, seed=123, state_dict=new)
+    ref = small(seed=123, state_dict=new)
     c = after[1][0]
     torch.testing.assert_close(
         torch.tensor(c.logprobs), teacher_forced(ref.model, PROMPTS[1], c.token_ids, 1.0), atol=1e-5, rtol=0
@@ -110,7 +117,7 @@ def test_update_weights_changes_outputs_and_stamps_version():
 
 
 def test_update_weights_tied_embedding_and_bad_names():
-    eng = EmbeddedEngine({**CONFIG, "eos_token_id": None}, seed=0)
+    eng = small()
     head = torch.full_like(eng.state_dict()["lm_head.weight"], 0.01)
     eng.update_weights_sync([("lm_head.weight", head)], 1)
     assert torch.equal(eng.state_dict()["model.embed_tokens.weight"], head)  # tied: one tensor
@@ -122,11 +129,11 @@ def test_update_weights_tied_embedding_and_bad_names():
 
 
 def test_abort_all_cuts_in_flight_request_only():
-    eng = EmbeddedEngine({**CONFIG, "eos_token_id": None}, seed=0)
+    eng = small(max_batch_rows=4, max_seq_len=4096)
 
     async def scenario():
         slow = asyncio.ensure_future(eng.generate(PROMPTS[0], SamplingParams(n=2, max_new_tokens=4000), timeout_s=60))
-        while not eng._lock.locked():  # wait until it is decoding
+        while eng.forward_steps < 5:  # wait until it is decoding
             await asyncio.sleep(0.005)
         await eng.abort_all()
         aborted = await slow
@@ -135,12 +142,12 @@ def test_abort_all_cuts_in_flight_request_only():
 
     aborted, later = asyncio.run(scenario())
     assert {c.finish_reason for c in aborted} == {"abort"}
-    assert all(len(c.token_ids) < 4000 for c in aborted)
+    assert all(0 < len(c.token_ids) < 4000 and len(c.logprobs) == len(c.token_ids) for c in aborted)
     assert later[0].finish_reason == "length" and len(later[0].token_ids) == 5
 
 
 def test_pause_parks_new_requests_until_resume():
-    eng = EmbeddedEngine({**CONFIG, "eos_token_id": None}, seed=0)
+    eng = small()
 
     async def scenario():
         await eng.pause()
@@ -157,9 +164,10 @@ def test_pause_parks_new_requests_until_resume():
 def test_timeout_raises_request_timeout_and_stops_the_thread():
     from dapo_megatron.rollout.base import RequestTimeout
 
-    eng = EmbeddedEngine({**CONFIG, "eos_token_id": None}, seed=0)
+    eng = small(max_batch_rows=4, max_seq_len=4096)
     with pytest.raises(RequestTimeout):
         asyncio.run(eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=100000), timeout_s=0.3))
-    done = threading.Event()
-    threading.Thread(target=lambda: (eng._lock.acquire(), eng._lock.release(), done.set())).start()
-    assert done.wait(10), "the timed-out decode loop kept running"
+    deadline = time.monotonic() + 10
+    while eng.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not eng.busy, "the timed-out request kept decoding"

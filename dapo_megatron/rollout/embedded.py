@@ -2,31 +2,48 @@
 
 Sampling matches what the trainer assumes (see :mod:`dapo_megatron.rollout.base`): at each step
 ``logp = log_softmax(logits / T)`` over the full vocabulary; top-k then top-p restrict the candidates
-(the kept probabilities are renormalised **for drawing only**), a token is drawn with a seeded
-``torch.Generator``, and the reported logprob is ``logp[token]`` of the untruncated distribution.
+(the kept probabilities are renormalised **for drawing only**), a token is drawn with uniforms from the
+request's own seeded ``torch.Generator``, and the reported logprob is ``logp[token]`` of the
+untruncated distribution (``embedded_sampling``).
 
-Decoding is a manual loop over a batch of ``len(prompts) * n`` rows with the model's KV cache
-(``past_key_values``, ``use_cache=True``), prompts left-padded, explicit ``position_ids`` so a padded
-row sees exactly the positions it would see alone. Finished rows keep riding along (their outputs are
-ignored) until every row is done: simpler than compacting the cache, and CPU batches are small.
+Continuous batching (``embedded_sched``): one decode thread runs every request in flight together,
+one forward pass per step over a preallocated KV cache of ``max_batch_rows`` slots by ``max_seq_len``
+positions (``embedded_cache``); new requests join at the next step, finished rows leave at once, an
+abort ends a request at the next step boundary with the tokens it has (``finish_reason="abort"``).
+The step's shapes never change, so a request's completions are bitwise the same whatever else is in
+flight: a run is reproducible at any concurrency.
 
-Concurrency: one ``threading.Lock`` serialises decode loops and weight loads, so a completion is
-produced by exactly one set of weights and carries that ``weight_version``. The async methods run the
-sync work in worker threads (``asyncio.to_thread``) so an event loop stays responsive.
+Weights: :meth:`EmbeddedEngine.update_weights_sync` stops admitting, waits until no request is active
+(the running ones finish, or the caller aborts them), loads, stamps the version and resumes; so every
+completion was produced by exactly one set of weights and carries that ``weight_version``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import torch
 from torch import Tensor
 
-from dapo_megatron.rollout.base import Completion, EngineDeadError, NamedTensors, RequestTimeout, SamplingParams
+from dapo_megatron.rollout.base import (
+    Completion,
+    EngineDeadError,
+    EngineError,
+    NamedTensors,
+    RequestTimeout,
+    SamplingParams,
+)
+from dapo_megatron.rollout.embedded_sampling import sample_next
+from dapo_megatron.rollout.embedded_sched import Request, Scheduler
+
+__all__ = ["EmbeddedEngine", "sample_next"]
 
 _GATE_POLL_S = 0.02  # how often a request parked by pause() re-checks for an abort
+_MAX_WIDTH = 4096  # default cache width cap: a long-context config must not allocate its full context
+_STEP_PARAM_BUDGET = 2**27  # default slots: slots x parameters per step at most this (about 0.27 GFLOP)
+_MAX_SLOTS = 256
 
 
 def _as_config(hf_config: Any):
@@ -47,40 +64,11 @@ def _eos_ids(config) -> Set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def sample_next(logp: Tensor, top_p: float, top_k: int, generator: torch.Generator) -> Tensor:
-    """Draw one token per row from ``logp`` ``[B, V]`` (log-probs at temperature T) -> ``[B]`` long.
-
-    top-k keeps the k most probable tokens (ties at the k-th value are kept), then top-p keeps the
-    smallest prefix of the sorted renormalised probabilities whose mass reaches ``top_p`` (the most
-    probable token is always kept). ``torch.multinomial`` renormalises the kept mass.
-    """
-    probs = logp.exp()
-    vocab = probs.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(probs, top_k, dim=-1).values[:, -1:]
-        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = sorted_p.cumsum(-1) - sorted_p
-        sorted_p = torch.where(mass_before >= top_p, torch.zeros_like(sorted_p), sorted_p)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class _Batch:
-    """Left-padded prompts ``[B, L]`` with attention mask and per-row positions."""
-
-    def __init__(self, rows: List[List[int]], pad_id: int, device: str):
-        width = max(len(r) for r in rows)
-        self.ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        self.mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            self.ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            self.mask[i, width - len(r) :] = 1
-        # Position of each real token counted from the row's own first token (pads get 0).
-        self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.ids, self.mask, self.pos = self.ids.to(device), self.mask.to(device), self.pos.to(device)
+def _default_slots(model: Any) -> int:
+    """Slots when none is given: up to 256, fewer for a bigger model (a step costs every slot's
+    forward, busy or not), at least 8."""
+    params = sum(p.numel() for p in model.parameters())
+    return max(8, min(_MAX_SLOTS, _STEP_PARAM_BUDGET // max(1, params)))
 
 
 class EmbeddedEngine:
@@ -92,6 +80,10 @@ class EmbeddedEngine:
         seed: initialises the random weights (before any update) and the default sampling seeds.
         device: torch device for the model.
         state_dict: optional HF-named initial weights (otherwise random init from ``seed``).
+        max_batch_rows: KV-cache slots, the rows decoded together (every step computes all of them);
+            None: 256, fewer for models over ~0.5 M parameters. A request needs ``n`` free slots.
+        max_seq_len: positions per slot (prompt + response); None: ``max_position_embeddings`` capped
+            at 4096. A longer prompt is refused; a response reaching it ends with ``"length"``.
     """
 
     def __init__(
@@ -102,10 +94,14 @@ class EmbeddedEngine:
         seed: int = 0,
         device: str = "cpu",
         state_dict: Optional[Dict[str, Tensor]] = None,
+        max_batch_rows: Optional[int] = None,
+        max_seq_len: Optional[int] = None,
     ):
         from transformers import AutoModelForCausalLM
 
         self.config = _as_config(hf_config)
+        if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
+            raise ValueError("EmbeddedEngine: sliding-window attention layers are not supported (full attention only)")
         self.device, self.dtype, self.seed = device, dtype, int(seed)
         # fork_rng: building the model must not move the caller's global RNG stream.
         with torch.random.fork_rng(devices=[]):
@@ -115,7 +111,11 @@ class EmbeddedEngine:
         self.eos_token_ids = _eos_ids(self.config)
         self.pad_id = int(getattr(self.config, "pad_token_id", None) or 0)
         self._targets = self.model.state_dict(keep_vars=True)  # HF name -> live Parameter/buffer
-        self._lock = threading.Lock()
+        slots = _default_slots(self.model) if max_batch_rows is None else int(max_batch_rows)
+        width = int(max_seq_len or min(int(getattr(self.config, "max_position_embeddings", _MAX_WIDTH)), _MAX_WIDTH))
+        if slots < 1 or width < 2:
+            raise ValueError(f"EmbeddedEngine: max_batch_rows must be >= 1 and max_seq_len >= 2, got {slots}, {width}")
+        self._sched = Scheduler(self, slots, width)
         self._gate = threading.Event()
         self._gate.set()
         self._abort_epoch = 0
@@ -126,17 +126,23 @@ class EmbeddedEngine:
             self.update_weights_sync(list(state_dict.items()), 0)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu"):
-        """Config and weights from an HF directory (``config.json`` + safetensors)."""
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu",
+                        **kwargs: Any):  # fmt: skip
+        """Config and weights from an HF directory (``config.json`` + safetensors); ``kwargs``:
+        ``max_batch_rows``, ``max_seq_len``."""
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return cls(model.config, dtype=dtype, seed=seed, device=device, state_dict=model.state_dict())
+        return cls(model.config, dtype=dtype, seed=seed, device=device, state_dict=model.state_dict(), **kwargs)
 
     # ------------------------------------------------------------------ sync core
     @property
     def weight_version(self) -> int:
         return self._version
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
 
     @property
     def abort_epoch(self) -> int:
@@ -145,12 +151,57 @@ class EmbeddedEngine:
 
     @property
     def busy(self) -> bool:
-        """A decode loop or a weight load is running right now."""
-        return self._lock.locked()
+        """A request is queued or decoding, or a weight load is waiting or running."""
+        return self._sched.busy
+
+    @property
+    def max_batch_rows(self) -> int:
+        return self._sched.slots
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._sched.width
+
+    @property
+    def forward_steps(self) -> int:
+        """Decode steps (batched forward passes) run so far."""
+        return self._sched.forwards
 
     def _default_seed(self) -> int:
         self._requests += 1
         return (self.seed * 1_000_003 + self._requests) % (2**63)
+
+    def _requests_for(self, prompts: Sequence[List[int]], params: SamplingParams, aborted) -> List[Request]:
+        """One scheduler request per prompt; prompt ``i`` seeds its generator with ``seed + i``-derived
+        values (prompt 0 with the seed itself, so ``generate`` equals ``generate_sync`` of one prompt)."""
+        if not self._alive:
+            raise EngineDeadError("embedded engine is shut down")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        width, slots = self._sched.width, self._sched.slots
+        if params.n > slots:
+            raise ValueError(f"generate: n={params.n} samples need {params.n} rows; max_batch_rows is {slots}")
+        too_long = [len(p) for p in prompts if len(p) > width]
+        if too_long:
+            raise ValueError(f"generate: a prompt of {too_long[0]} tokens exceeds max_seq_len={width}")
+        seed = self._default_seed() if params.seed is None else params.seed
+        stop = frozenset(self.eos_token_ids | set(params.stop_token_ids))
+        out = []
+        for i, p in enumerate(prompts):
+            gen = torch.Generator(device="cpu").manual_seed((seed + i * 0x9E3779B1) % (2**63))
+            limit = min(params.max_new_tokens, width - len(p) + 1)
+            out.append(Request(list(p), params, gen, aborted, limit, stop))
+        return out
+
+    def _aborted(self, epoch: int, cancel: Optional[threading.Event]):
+        return lambda: self._abort_epoch != epoch or (cancel is not None and cancel.is_set())
+
+    @staticmethod
+    def _completions(req: Request) -> List[Completion]:
+        if req.error is not None:
+            raise EngineError(f"embedded decode failed: {type(req.error).__name__}: {req.error}") from req.error
+        return [Completion(t, lp, r or "abort", weight_version=req.version)
+                for t, lp, r in zip(req.tokens, req.logps, req.reasons)]  # fmt: skip
 
     def generate_sync(
         self,
@@ -160,71 +211,27 @@ class EmbeddedEngine:
         cancel: Optional[threading.Event] = None,
         epoch: Optional[int] = None,
     ) -> List[List[Completion]]:
-        """``params.n`` completions for each prompt (``result[p][j]``), decoded together.
-
-        ``cancel`` (this request) or :meth:`abort_all_sync` after ``epoch`` was read cut the
-        request short: its unfinished rows come back with ``finish_reason="abort"``.
+        """``params.n`` completions for each prompt (``result[p][j]``), batched with everything else in
+        flight. ``cancel`` (this request) or :meth:`abort_all_sync` after ``epoch`` was read cut the
+        request short: its unfinished rows come back with ``finish_reason="abort"`` and their tokens.
         """
-        if not self._alive:
-            raise EngineDeadError("embedded engine is shut down")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token")
         epoch = self._abort_epoch if epoch is None else epoch
-        seed = self._default_seed() if params.seed is None else params.seed
-
-        def aborted() -> bool:
-            return self._abort_epoch != epoch or (cancel is not None and cancel.is_set())
-
+        aborted = self._aborted(epoch, cancel)
+        reqs = self._requests_for(prompts, params, aborted)
         # A paused engine parks new requests here; they still honour an abort while parked.
         while not self._gate.wait(_GATE_POLL_S):
             if aborted():
                 break
-        with self._lock:
-            rows = [list(p) for p in prompts for _ in range(params.n)]
-            tokens, logps, reasons = self._decode(rows, params, seed, aborted)
-            version = self._version
-        out = [Completion(t, lp, r, weight_version=version) for t, lp, r in zip(tokens, logps, reasons)]
-        return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
-
-    @torch.no_grad()
-    def _decode(self, rows: List[List[int]], params: SamplingParams, seed: int, aborted) -> Tuple[list, list, list]:
-        """The decode loop over ``B = len(rows)`` rows: per-row tokens, logprobs, finish reasons."""
-        batch = _Batch(rows, self.pad_id, self.device)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        stop = self.eos_token_ids | set(params.stop_token_ids)
-        n_rows = len(rows)
-        tokens: List[List[int]] = [[] for _ in range(n_rows)]
-        logps: List[List[float]] = [[] for _ in range(n_rows)]
-        reasons: List[Optional[str]] = [None] * n_rows
-        inp, pos, mask, past = batch.ids, batch.pos, batch.mask, None
-        for _ in range(params.max_new_tokens):
-            if aborted():
-                break
-            out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logp = torch.log_softmax(out.logits[:, -1, :].float() / params.temperature, dim=-1)
-            nxt = sample_next(logp, params.top_p, params.top_k, gen)
-            chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
-            for i, (tok, lp) in enumerate(zip(nxt.tolist(), chosen.tolist())):
-                if reasons[i] is not None:
-                    continue
-                tokens[i].append(tok)
-                logps[i].append(lp)
-                if tok in stop:
-                    reasons[i] = "stop"
-                elif len(tokens[i]) >= params.max_new_tokens:
-                    reasons[i] = "length"
-            if all(r is not None for r in reasons):
-                break
-            inp = nxt[:, None]
-            pos = pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        # Rows left unfinished were cut by an abort (the loop only ends early on abort).
-        return tokens, logps, [r or "abort" for r in reasons]
+        for req in reqs:
+            self._sched.submit(req)
+        for req in reqs:
+            req.done.wait()
+        return [self._completions(req) for req in reqs]
 
     def abort_all_sync(self) -> None:
         """Abort every request started (or parked) before this call; later requests are unaffected."""
         self._abort_epoch += 1
+        self._sched.kick()
 
     def update_weights_sync(self, named_tensors: NamedTensors, version: int) -> None:
         """Copy HF-named tensors into the live parameters, then stamp ``version``.
@@ -233,6 +240,10 @@ class EmbeddedEngine:
         raises before anything is copied (a mapping bug must not half-load a model). With tied
         embeddings ``lm_head.weight`` and ``model.embed_tokens.weight`` are one tensor, so either
         name loads both (if both are sent, the later one wins).
+
+        Ordering: admission stops first, then this waits until no request is active (running ones
+        finish; a caller that wants them cut calls :meth:`abort_all_sync` first), loads, stamps
+        ``version``, and lets queued requests in: no completion mixes two weight versions.
         """
         items = list(named_tensors)
         for name, t in items:
@@ -243,37 +254,68 @@ class EmbeddedEngine:
                 raise ValueError(
                     f"update_weights: {name} has shape {tuple(t.shape)}, model expects {tuple(target.shape)}"
                 )
-        with self._lock, torch.no_grad():
-            for name, t in items:
-                target = self._targets[name]
-                target.copy_(t.detach().to(device=target.device, dtype=target.dtype))
-            self._version = int(version)
+        sched = self._sched
+        with sched.cv:
+            sched.loading += 1
+            try:
+                while sched.active:
+                    sched.cv.wait()
+                with sched.model_lock, torch.no_grad():
+                    for name, t in items:
+                        target = self._targets[name]
+                        target.copy_(t.detach().to(device=target.device, dtype=target.dtype))
+                    self._version = int(version)
+            finally:
+                sched.loading -= 1
+                sched.cv.notify_all()
 
     def state_dict(self) -> Dict[str, Tensor]:
         """Detached copies of the current weights, HF names."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        with self._sched.model_lock:
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     # ------------------------------------------------------------------ RolloutEngine (async)
     async def generate(
         self, prompt_ids: List[int], params: SamplingParams, *, timeout_s: Optional[float] = None
     ) -> List[Completion]:
-        epoch = self._abort_epoch  # read now: an abort_all issued while we wait for the lock applies
+        """Submitted straight from the event loop (no worker thread per request, so any number of
+        requests batch together); the result arrives through ``call_soon_threadsafe``."""
         cancel = threading.Event()
-        work = asyncio.to_thread(self.generate_sync, [prompt_ids], params, cancel=cancel, epoch=epoch)
+        aborted = self._aborted(self._abort_epoch, cancel)  # an abort_all issued from now on applies
         try:
-            return (await asyncio.wait_for(work, timeout_s))[0]
+            return await asyncio.wait_for(self._generate_one(prompt_ids, params, aborted), timeout_s)
         except asyncio.TimeoutError:
-            cancel.set()  # the thread cannot be killed; make its loop stop at the next step
+            cancel.set()  # the decode thread drops the request at its next step
+            self._sched.kick()
             raise RequestTimeout(f"embedded generate exceeded {timeout_s} s") from None
         except asyncio.CancelledError:
             cancel.set()
+            self._sched.kick()
             raise
+
+    async def _generate_one(self, prompt_ids: List[int], params: SamplingParams, aborted) -> List[Completion]:
+        [req] = self._requests_for([prompt_ids], params, aborted)
+        while not self._gate.is_set() and not aborted():
+            await asyncio.sleep(_GATE_POLL_S)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:  # the loop closed: the caller gave up (timed out) and nobody waits
+                pass
+
+        req.callbacks.append(wake)
+        self._sched.submit(req)
+        await done
+        return self._completions(req)
 
     async def abort_all(self) -> None:
         self.abort_all_sync()
 
     async def pause(self) -> None:
-        """New requests wait until :meth:`resume`; requests already decoding finish normally."""
+        """New requests wait until :meth:`resume`; requests already submitted finish normally."""
         self._gate.clear()
 
     async def resume(self) -> None:

@@ -1,0 +1,67 @@
+"""The embedded engine's preallocated KV cache: ``slots`` rows of a fixed ``width``, one per sequence.
+
+Every decode step runs the model on ``input_ids [slots, 1]`` (one token per slot; a free slot feeds a
+pad token at position 0), each layer writes the new key/value of slot ``s`` at ``write_pos[s]`` and
+attends over all ``width`` positions with a mask that lets slot ``s`` see positions ``0..write_pos[s]``.
+
+Why fixed shapes: the step's GEMMs and attention always have the same shapes, whatever requests are
+in flight, so a row's numerics never depend on how many other rows share the batch (CPU GEMM kernels
+pick different blocking, and a one-row GEMM a different kernel, for different row counts; a wider
+attention changes the softmax's reduction order). A row's output is bitwise the same in any slot and
+next to any neighbours; ``tests/test_embedded_batching.py`` checks it end to end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys/values ``[slots, kv_heads, width, head_dim]``, written in place."""
+
+    def __init__(self, slots: int, kv_heads: int, width: int, head_dim: int, dtype: torch.dtype, device: str):
+        super().__init__()
+        shape = (slots, kv_heads, width, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows = torch.arange(slots, device=device)
+        self.write_pos = torch.zeros(slots, dtype=torch.long, device=device)
+        self.width = width
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Allocated up front (the shapes must never change)."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple:
+        """``key_states``/``value_states`` ``[slots, kv_heads, 1, head_dim]`` go to ``write_pos``; returns
+        the whole cache (the mask hides what a slot may not see)."""
+        self.keys[self.rows, :, self.write_pos] = key_states[:, :, 0]
+        self.values[self.rows, :, self.write_pos] = value_states[:, :, 0]
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple:
+        return self.width, 0
+
+    def get_seq_length(self) -> int:
+        return 0  # positions are always passed explicitly
+
+    def get_max_length(self) -> int:
+        return self.width
+
+
+class SlotCache(Cache):
+    """A :class:`transformers.Cache` of :class:`SlotLayer`s for ``num_layers`` layers."""
+
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, width: int, head_dim: int, dtype, device):
+        super().__init__(layers=[SlotLayer(slots, kv_heads, width, head_dim, dtype, device) for _ in range(num_layers)])
+        self.slots, self.width = slots, width
+        self._positions = torch.arange(width, device=device)
+
+    def step_inputs(self, positions: Tensor) -> Tensor:
+        """Point every layer's writes at ``positions`` ``[slots]``; the boolean attention mask
+        ``[slots, 1, 1, width]`` (True: attend) that shows each slot its positions ``0..positions[s]``."""
+        for layer in self.layers:
+            layer.write_pos = positions
+        return (self._positions[None, :] <= positions[:, None])[:, None, None, :]

@@ -1,0 +1,244 @@
+"""Continuous batching for the embedded engine: one decode thread steps every request in flight.
+
+Each step is one forward pass over all ``slots`` rows of the :class:`SlotCache` (``[slots, 1]`` tokens):
+a row still reading its prompt feeds its next prompt token (prefill one token per step, so a new
+request joins at the next step and the step's shapes never change), a row past its prompt feeds its
+last sampled token; rows at or past their last prompt token then sample. A finished row frees its slot
+at once; an aborted request leaves at the next step boundary with the tokens it has.
+
+Reproducibility: a request owns a ``torch.Generator`` seeded with its seed and draws ``n`` uniforms at
+each of its sampling steps (one per row, finished rows included, so the stream depends only on the
+step count); the forward and the sampler are row-wise with fixed shapes (see ``embedded_cache``). So
+a request's completions depend on its prompt, parameters, seed and the weights, never on which other
+requests share the batch or when they arrived.
+
+Locking: ``cv`` (a ``threading.Condition``) guards the queues, slots, ``loading`` and the request
+states; the forward runs outside it (under ``model_lock``) so submissions and aborts never wait for a
+step. Weights change only while no request is active (see ``EmbeddedEngine.update_weights_sync``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, List, Optional, Tuple
+
+import torch
+
+from dapo_megatron.rollout.base import SamplingParams
+from dapo_megatron.rollout.embedded_sampling import sample_rows
+
+_IDLE_EXIT_S = 2.0  # an idle decode thread exits (and frees the engine for GC); a request restarts it
+_POLL_S = 0.05  # a waiting decode thread re-checks cancellations this often
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt's ``n`` rows in the scheduler. ``tokens/logps/reasons`` are per row; a reason of
+    None means the row is still running. ``limit``: max new tokens that fit the cache width."""
+
+    prompt: List[int]
+    params: SamplingParams
+    generator: torch.Generator
+    aborted: Callable[[], bool]
+    limit: int
+    stop: frozenset
+    tokens: List[List[int]] = field(default_factory=list)
+    logps: List[List[float]] = field(default_factory=list)
+    reasons: List[Optional[str]] = field(default_factory=list)
+    slots: List[Optional[int]] = field(default_factory=list)  # slot of row j, None once it left
+    fed: int = 0  # positions fed so far (the next feed goes to position ``fed``)
+    version: int = 0
+    error: Optional[BaseException] = None
+    done: threading.Event = field(default_factory=threading.Event)
+    callbacks: List[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = self.params.n
+        self.tokens, self.logps, self.reasons = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+
+    def next_token(self, row: int) -> int:
+        return self.prompt[self.fed] if self.fed < len(self.prompt) else self.tokens[row][-1]
+
+    @property
+    def sampling(self) -> bool:
+        """This step's feed is the last prompt token or a sampled one: its logits give a new token."""
+        return self.fed >= len(self.prompt) - 1
+
+
+class Scheduler:
+    """The decode thread and its queues for one engine (``engine`` gives model, version, liveness)."""
+
+    def __init__(self, engine: Any, slots: int, width: int):
+        self.engine, self.slots, self.width = engine, slots, width
+        self.cv = threading.Condition()
+        self.model_lock = threading.Lock()
+        self.pending: Deque[Request] = deque()
+        self.active: List[Request] = []
+        self.free: List[int] = list(range(slots))
+        self.loading = 0  # weight loads waiting or running: admission stops
+        self.forwards = 0  # decode steps run (tests count them)
+        self._cache: Any = None
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ called by the engine
+    def submit(self, req: Request) -> None:
+        with self.cv:
+            self.pending.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="embedded-decode", daemon=True)
+                self._thread.start()
+            self.cv.notify_all()
+
+    def kick(self) -> None:
+        """Wake the decode thread (an abort or a cancellation to act on)."""
+        with self.cv:
+            self.cv.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.active or self.loading)
+
+    # ------------------------------------------------------------------ the decode thread
+    def _run(self) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            while True:
+                plan = self._next_step()
+                if plan is None:
+                    return
+                try:
+                    out = self._forward(*plan[1:])
+                except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the thread
+                    self._fail(plan[0], e)
+                    continue
+                self._apply(plan[0], out)
+
+    def _next_step(self) -> Optional[Tuple[Any, ...]]:
+        """Drop aborted requests, admit pending ones, and lay out the step; None: the thread exits."""
+        with self.cv:
+            while True:
+                self._drop_aborted()
+                self._admit()
+                if self.active:
+                    return self._layout()
+                if not self.engine.alive and not self.pending:
+                    self._thread = None
+                    return None
+                if not self.cv.wait(_IDLE_EXIT_S if not self.pending else _POLL_S) and not self.pending:
+                    self._thread = None
+                    return None
+
+    def _drop_aborted(self) -> None:
+        for req in [r for r in self.active if r.aborted()]:
+            self._finish(req, "abort")
+        for req in [r for r in self.pending if r.aborted() or not self.engine.alive]:
+            self.pending.remove(req)
+            req.version = self.engine.weight_version
+            self._finish(req, "abort")
+
+    def _admit(self) -> None:
+        """FIFO: the head request enters once ``n`` slots are free, never while weights load."""
+        while self.pending and not self.loading and len(self.free) >= self.pending[0].params.n:
+            req = self.pending.popleft()
+            self.free.sort()
+            req.slots, self.free = self.free[: req.params.n], self.free[req.params.n :]
+            req.version = self.engine.weight_version
+            self.active.append(req)
+
+    def _layout(self) -> Tuple[Any, ...]:
+        """The step's per-slot inputs (free slots: pad token at position 0, temperature 1)."""
+        ids, pos = [self.engine.pad_id] * self.slots, [0] * self.slots
+        temp, top_p, top_k, u = [1.0] * self.slots, [1.0] * self.slots, [-1] * self.slots, [0.0] * self.slots
+        for req in self.active:
+            p = req.params
+            draws = torch.rand(p.n, generator=req.generator, dtype=torch.float64).tolist() if req.sampling else None
+            for j, s in enumerate(req.slots):
+                if s is None:
+                    continue
+                ids[s], pos[s] = req.next_token(j), req.fed
+                temp[s], top_p[s], top_k[s] = p.temperature, p.top_p, p.top_k
+                if draws is not None:
+                    u[s] = draws[j]
+        dev = self.engine.device
+        as_t = lambda v, dt: torch.tensor(v, dtype=dt, device=dev)  # noqa: E731
+        return (list(self.active), as_t(ids, torch.long), as_t(pos, torch.long), as_t(temp, torch.float32),
+                as_t(top_p, torch.float32), as_t(top_k, torch.long), as_t(u, torch.float64))  # fmt: skip
+
+    def _forward(self, ids, pos, temp, top_p, top_k, u) -> Tuple[list, list]:
+        """One forward over every slot, then a draw per slot: (tokens, log-probs) as lists ``[slots]``."""
+        with self.model_lock:
+            cache = self._slot_cache()
+            mask = cache.step_inputs(pos)
+            out = self.engine.model(input_ids=ids[:, None], attention_mask=mask, position_ids=pos[:, None],
+                                    cache=cache, use_cache=True)  # fmt: skip
+            self.forwards += 1
+        logp = torch.log_softmax(out.logits[:, -1, :].float() / temp[:, None], dim=-1)
+        tokens = sample_rows(logp, top_p, top_k, u)
+        chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens.tolist(), chosen.tolist()
+
+    def _slot_cache(self) -> Any:
+        if self._cache is None:
+            from dapo_megatron.rollout.embedded_cache import SlotCache
+
+            c = self.engine.config
+            heads = c.num_attention_heads
+            kv_heads = getattr(c, "num_key_value_heads", None) or heads
+            head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+            self._cache = SlotCache(c.num_hidden_layers, self.slots, kv_heads, self.width, head_dim,
+                                    self.engine.dtype, self.engine.device)  # fmt: skip
+        return self._cache
+
+    def _apply(self, stepped: List[Request], out: Tuple[list, list]) -> None:
+        """Record the step's draws for the requests it ran (one aborted meanwhile stays aborted)."""
+        tokens, logps = out
+        with self.cv:
+            for req in stepped:
+                if req.done.is_set():
+                    continue
+                if req.sampling:
+                    self._record(req, tokens, logps)
+                req.fed += 1
+                if all(r is not None for r in req.reasons):
+                    self.active.remove(req)
+                    self._complete(req)
+            self.cv.notify_all()
+
+    def _record(self, req: Request, tokens: list, logps: list) -> None:
+        for j, s in enumerate(req.slots):
+            if s is None:
+                continue
+            req.tokens[j].append(tokens[s])
+            req.logps[j].append(logps[s])
+            if tokens[s] in req.stop:
+                req.reasons[j] = "stop"
+            elif len(req.tokens[j]) >= req.limit:
+                req.reasons[j] = "length"
+            if req.reasons[j] is not None:  # the row leaves the batch now
+                self.free.append(s)
+                req.slots[j] = None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        """End ``req`` now: its running rows get ``reason``; its slots are freed."""
+        for j, s in enumerate(req.slots):
+            if s is not None:
+                self.free.append(s)
+                req.slots[j] = None
+        req.reasons = [r or reason for r in req.reasons]
+        if req in self.active:
+            self.active.remove(req)
+        self._complete(req)
+
+    def _fail(self, stepped: List[Request], error: BaseException) -> None:
+        with self.cv:
+            for req in stepped:
+                if not req.done.is_set():
+                    req.error = error
+                    self._finish(req, "abort")
+            self.cv.notify_all()
+
+    def _complete(self, req: Request) -> None:
+        req.done.set()
+        for callback in req.callbacks:
+            callback()
