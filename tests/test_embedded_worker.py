@@ -86,11 +86,16 @@ def test_abort_returns_partial_tokens_and_spares_later_requests(worker, local):
     async def abort_midway():
         task = asyncio.ensure_future(worker.generate(PROMPT, long, timeout_s=120))
         await asyncio.sleep(1.5)
-        await worker.abort_all()
-        cut = await task
+        # An update waits for the running request; the abort sent meanwhile must still reach it.
+        update = asyncio.ensure_future(worker.update_weights(same_weights, worker.weight_version))
+        await asyncio.sleep(0.5)
+        await asyncio.wait_for(worker.abort_all(), 10)
+        cut = await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(update, 30)
         later = await worker.generate(PROMPT, SamplingParams(n=1, max_new_tokens=5, seed=6), timeout_s=120)
         return cut, later
 
+    same_weights = sorted(local.state_dict().items())[:1]  # the values it already has
     cut, later = asyncio.run(abort_midway())
     assert [c.finish_reason for c in cut] == ["abort", "abort"]
     assert all(0 < len(c.token_ids) < 4000 for c in cut)

@@ -10,10 +10,11 @@ Wire (:mod:`~dapo_megatron.rollout.embedded_ipc`): requests ``(op, id, args)``, 
 on the one connection and the engine sees them concurrently. Weights come through a shared-memory
 buffer, the socket only carries their layout.
 
-Ordering: requests are read in order; every control request (abort, pause, update, ...) is handled
-before the next one is read; a ``generate`` starts as a task that runs up to its first wait (where the
-engine has registered it) before the next request is read. So an ``abort_all`` sent after a
-``generate`` reaches that request, and one sent before it does not.
+Ordering: requests are read in order; every small control request (abort, pause, resume, health) is
+handled before the next one is read; a ``generate`` or an ``update_weights`` starts as a task that runs
+up to its first wait (where the engine has registered it) before the next request is read. So an
+``abort_all`` sent after a ``generate`` reaches that request, and one sent before it does not; and an
+abort sent while an update waits for the running requests still reaches them.
 
 Lifetime: the worker exits when its client says ``shutdown`` or when the client's end of the socket
 closes (the trainer died), so no worker outlives its trainer.
@@ -26,11 +27,13 @@ import asyncio
 import functools
 import os
 import socket
-from typing import Any, Dict, List, Optional
+import sys
+import traceback
+from typing import Any, Awaitable, Dict, List, Optional
 
 import torch
 
-from dapo_megatron.rollout.base import EngineError, SamplingParams
+from dapo_megatron.rollout.base import EngineError
 from dapo_megatron.rollout.embedded_ipc import SharedBucketReader, encode, error_payload, read_frame
 
 _CONTROL_OPS = ("abort_all", "pause", "resume", "release_memory", "resume_memory", "health")
@@ -57,27 +60,27 @@ class _Worker:
         self.writer.write(encode((rid, ok, value)))  # one write per answer: frames never interleave
         await self.writer.drain()
 
-    async def generate(self, rid: int, prompt_ids: List[int], params: SamplingParams, timeout_s: Any) -> None:
+    async def answer(self, rid: int, call: Awaitable[Any]) -> None:
+        """Await one request's work and send its answer (or its error)."""
         try:
-            out = await self.engine.generate(prompt_ids, params, timeout_s=timeout_s)
+            value, ok = await call, True
         except asyncio.CancelledError:
             return  # the client cancelled (timeout or its caller gave up): it waits for no answer
         except Exception as e:
-            await self.reply(rid, False, error_payload(e))
-            return
-        await self.reply(rid, True, out)
+            value, ok = error_payload(e), False
+        await self.reply(rid, ok, value)
+
+    async def update_weights(self, path: Any, layout: Any, version: int) -> int:
+        await self.engine.update_weights(self.shared.views(path, layout), version)
+        return self.engine.weight_version
+
+    def spawn(self, rid: int, call: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(self.answer(rid, call))
+        self.tasks[rid] = task
+        task.add_done_callback(functools.partial(self._finished, rid))
 
     def _finished(self, rid: int, _task: asyncio.Task) -> None:
         self.tasks.pop(rid, None)
-
-    async def control(self, op: str, args: Any) -> Any:
-        if op == "update_weights":
-            path, layout, version = args
-            await self.engine.update_weights(self.shared.views(path, layout), version)
-            return self.engine.weight_version
-        if op in _CONTROL_OPS:
-            return await getattr(self.engine, op)()
-        raise EngineError(f"embedded worker: unknown request {op!r}")
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
         """Until the client says ``shutdown`` or closes its end."""
@@ -87,10 +90,14 @@ class _Worker:
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the client is gone
             if op == "generate":
-                task = asyncio.ensure_future(self.generate(rid, *args))
-                self.tasks[rid] = task
-                task.add_done_callback(functools.partial(self._finished, rid))
+                prompt_ids, params, timeout_s = args
+                self.spawn(rid, self.engine.generate(prompt_ids, params, timeout_s=timeout_s))
                 await asyncio.sleep(0)  # let it register with the engine before the next request
+            elif op == "update_weights":
+                # A task too: the update waits for the running requests, and an abort read meanwhile
+                # must still reach them, as it would in process.
+                self.spawn(rid, self.update_weights(*args))
+                await asyncio.sleep(0)
             elif op == "cancel":
                 if rid in self.tasks:
                     self.tasks[rid].cancel()
@@ -98,12 +105,10 @@ class _Worker:
                 await self.engine.shutdown()
                 await self.reply(rid, True, None)
                 return
+            elif op in _CONTROL_OPS:
+                await self.answer(rid, getattr(self.engine, op)())
             else:
-                try:
-                    value, ok = await self.control(op, args), True
-                except Exception as e:
-                    value, ok = error_payload(e), False
-                await self.reply(rid, ok, value)
+                await self.reply(rid, False, error_payload(EngineError(f"embedded worker: unknown request {op!r}")))
 
     async def close(self) -> None:
         for task in list(self.tasks.values()):
@@ -136,7 +141,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description="the embedded rollout engine's worker process (started by its client)")
     ap.add_argument("--fd", type=int, required=True, help="the inherited end of the client's socketpair")
     args = ap.parse_args(argv)
-    asyncio.run(_serve(socket.socket(fileno=args.fd)))
+    code = 0
+    try:
+        asyncio.run(_serve(socket.socket(fileno=args.fd)))
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # Exit now: the engine is shut down and nothing is left to save, while an orderly interpreter exit
+    # would join the engine's threads (a decode step in flight) and unload torch, seconds on a busy CPU.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
