@@ -96,7 +96,8 @@ def _row(label: str, a: Optional[float], b: Optional[float], fmt: str = "{:.3f}"
 
 def table_rows(ours: Dict[str, Any], trl: Dict[str, Any], checkpoints: Sequence[int]) -> List[List[str]]:
     """``[label, ours, TRL, ours/TRL]`` rows (strings) for :func:`format_table`."""
-    rows = [_row("mean s/step (steps without eval)", ours["step_s"], trl["step_s"])]
+    rows = [["steps logged", str(ours["steps"]), str(trl["steps"]), ""]]
+    rows.append(_row("mean s/step (steps without eval)", ours["step_s"], trl["step_s"]))
     names = {"generate": "generation s/step", "logprob": "old log-probs s/step", "train": "train s/step"}
     rows += [_row(names[p], ours[f"{p}_s"], trl[f"{p}_s"]) for p in PHASES]
     rows.append(_row("evaluation s (all evals after step 0)", ours["eval_s"], trl["eval_s"], "{:.1f}"))

@@ -51,10 +51,10 @@ class TreePSS:
     largest sum seen. PSS splits shared pages among the processes mapping them, so summing over a
     tree counts each page once (RSS would count shared libraries and shared memory many times)."""
 
-    def __init__(self, pid: int, interval: float = 0.5):
+    def __init__(self, pid: int, interval: float = 0.5, record: Optional[str] = None):
         import psutil
 
-        self._psutil, self._root, self._interval = psutil, psutil.Process(pid), interval
+        self._psutil, self._root, self._interval, self._record = psutil, psutil.Process(pid), interval, record
         self.peak, self.samples = 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -73,7 +73,11 @@ class TreePSS:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
+            now = self.sample()
+            if now > self.peak and self._record:  # the peak so far survives a run that is stopped
+                with open(self._record, "w") as f:
+                    f.write(str(now))
+            self.peak = max(self.peak, now)
             self.samples += 1
             self._stop.wait(self._interval)
 
@@ -86,15 +90,21 @@ class TreePSS:
         self._thread.join()
 
 
-def run_measured(cmd: List[str], log_path: str, *, env: Dict[str, str], interval: float) -> Tuple[float, int, float]:
+def run_measured(cmd: List[str], log_path: str, *, env: Dict[str, str], interval: float,
+                 record: Optional[str] = None) -> Tuple[float, int, float]:  # fmt: skip
     """Run ``cmd`` (output to ``log_path``) while sampling its tree's PSS; returns ``(t0, peak_pss, cpu_s)``,
     ``cpu_s`` the user+sys seconds of the process and every descendant reaped by its parent (less
-    noisy than wall time on a shared machine). Raises ``RuntimeError`` quoting the log's tail on failure."""
+    noisy than wall time on a shared machine). Raises ``RuntimeError`` quoting the log's tail on failure.
+    ``record``: a JSON file that gets ``t0`` at the start, and ``record + ".pss"`` the peak so far (bytes),
+    so that a run stopped early can still be reported (``--report-only``)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "w") as log:
         t0 = time.time()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        with TreePSS(proc.pid, interval) as pss:
+        if record:
+            with open(record, "w") as f:
+                json.dump({"t0": t0, "pid": proc.pid}, f)
+        with TreePSS(proc.pid, interval, record=record and record + ".pss") as pss:
             rc = proc.wait()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -165,11 +175,27 @@ def read_lines(path: str) -> List[Dict[str, Any]]:
 def run_side(name: str, cmd: List[str], metrics: str, out: str, args: argparse.Namespace,
              env: Dict[str, str]) -> Dict[str, Any]:  # fmt: skip
     print(f"[vs_trl] {name}: {' '.join(cmd)}", flush=True)
-    t0, peak, cpu_s = run_measured(cmd, os.path.join(out, f"{name}.log"), env=env, interval=args.pss_interval)
+    t0, peak, cpu_s = run_measured(cmd, os.path.join(out, f"{name}.log"), env=env, interval=args.pss_interval,
+                                   record=os.path.join(out, f"{name}.start.json"))  # fmt: skip
     summary = summarize(read_lines(metrics), t0=t0, threshold=args.threshold, checkpoints=args.checkpoints)
     summary["peak_pss"], summary["cpu_s"] = peak, cpu_s
     print(f"[vs_trl] {name}: {summary['steps']} steps in {summary['total_s']:.1f} s, "
           f"held-out {summary['acc_first']:.3f} -> {summary['acc_last']:.3f}", flush=True)  # fmt: skip
+    return summary
+
+
+def partial_summary(name: str, metrics: str, out: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """A side's figures from what its run logged so far (a run stopped before the end): ``t0`` and the
+    peak PSS so far from the files :func:`run_measured` keeps; CPU seconds are unknown (None)."""
+    with open(os.path.join(out, f"{name}.start.json")) as f:
+        t0 = json.load(f)["t0"]
+    summary = summarize(read_lines(metrics), t0=t0, threshold=args.threshold, checkpoints=args.checkpoints)
+    pss = os.path.join(out, f"{name}.start.json.pss")
+    summary["peak_pss"] = None
+    if os.path.isfile(pss):
+        with open(pss) as f:
+            summary["peak_pss"] = int(f.read())
+    summary["cpu_s"], summary["partial"] = None, True
     return summary
 
 
@@ -199,6 +225,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    "summary in OUT/summary.json is reused for the table)")  # fmt: skip
     p.add_argument("--trl-python", default=os.path.join(REPO, ".venv-trl", "bin", "python"),
                    help="TRL's interpreter (tools/trl_env.sh makes .venv-trl)")  # fmt: skip
+    p.add_argument("--report-only", action="store_true", help="no runs: the table from OUT's logs as they are "
+                   "(finished sides from OUT/summary.json, one stopped early from its metrics so far)")  # fmt: skip
     p.add_argument("--pss-interval", type=float, default=0.5, help="seconds between memory samples")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for the warm-up and this project's run")
     args = p.parse_args(argv)
@@ -206,13 +234,44 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         args.steps, args.eval_every, args.checkpoints = QUICK["steps"], QUICK["eval_every"], QUICK["checkpoints"]
         args.overrides = [*QUICK["overrides"], *args.overrides]
     args.out = os.path.abspath(args.out or os.path.join(REPO, "runs", "vs_trl_quick" if args.quick else "vs_trl"))
-    if args.only != "ours" and not os.path.isfile(args.trl_python):
+    if args.only != "ours" and not args.report_only and not os.path.isfile(args.trl_python):
         p.error(f"--trl-python {args.trl_python}: no such interpreter; run tools/trl_env.sh first")
     return args
 
 
+def report_only(args: argparse.Namespace) -> int:
+    summary_path = os.path.join(args.out, "summary.json")
+    done: Dict[str, Any] = {}
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            done = json.load(f)
+    logs = {
+        "ours": os.path.join(args.out, "ours", "metrics.jsonl"),
+        "trl": os.path.join(args.out, "trl", "metrics.jsonl"),
+    }
+    results = {k: done[k] if k in done else partial_summary(k, logs[k], args.out, args) for k in logs}
+    info = done.get("machine") or {**machine(), "load_before": os.getloadavg(), "load_after": os.getloadavg()}
+    return print_table(results, info, args)
+
+
+def print_table(results: Dict[str, Any], info: Dict[str, Any], args: argparse.Namespace) -> int:
+    for side in results.values():  # JSON keys are strings: back to steps
+        side["acc"] = {int(k): v for k, v in side["acc"].items()}
+    table = format_table(results["ours"], results["trl"], args.checkpoints)
+    load = f"load average {info['load_before'][0]:.2f} before, {info['load_after'][0]:.2f} after"
+    partial = [k for k, v in results.items() if v.get("partial")]
+    note = f"; stopped early (figures so far): {', '.join(partial)}" if partial else ""
+    text = f"{table}\n\nmachine: {info['cpu']}, {info['cores']} cores; commit {info['commit']}; {load}{note}\n"
+    with open(os.path.join(args.out, "vs_trl.md"), "w") as f:
+        f.write(text)
+    print(text, flush=True)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        return report_only(args)
     info = {**machine(), "load_before": os.getloadavg(), "command": " ".join(sys.argv)}
     print(f"[vs_trl] preparing the shared warm-up model in {args.out}", flush=True)
     paths = prepare(args.out, args.overrides, args.config)
@@ -237,15 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "ours" not in results or "trl" not in results:
         print(f"[vs_trl] one side only; figures in {summary_path}")
         return 0
-    for side in results.values():  # JSON keys are strings: back to steps
-        side["acc"] = {int(k): v for k, v in side["acc"].items()}
-    table = format_table(results["ours"], results["trl"], args.checkpoints)
-    load = f"load average {info['load_before'][0]:.2f} before, {info['load_after'][0]:.2f} after"
-    text = f"{table}\n\nmachine: {info['cpu']}, {info['cores']} cores; commit {info['commit']}; {load}\n"
-    with open(os.path.join(args.out, "vs_trl.md"), "w") as f:
-        f.write(text)
-    print(text, flush=True)
-    return 0
+    return print_table(results, info, args)
 
 
 if __name__ == "__main__":

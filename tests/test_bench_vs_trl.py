@@ -157,3 +157,35 @@ def test_trl_runner_helpers_without_trl():
     assert clock.take() == {}
     score = run.load_scorer()
     assert score("Answer: 42", "42").acc and not score("Answer: 41", "42").acc
+
+
+def test_report_only_mixes_a_finished_side_and_one_stopped_early(tmp_path, capsys):
+    """TRL finished (its summary in summary.json); ours was stopped: its figures so far come from its
+    metrics, the t0 file and the peak-PSS file that run_measured keeps while a run is going."""
+    import json
+
+    vs = _load("vs_trl")
+    log = str(tmp_path / "probe.log")
+    record = str(tmp_path / "probe.start.json")
+    vs.run_measured([sys.executable, "-c", "import time; time.sleep(0.5)"], log, env=dict(os.environ), interval=0.1,
+                    record=record)  # fmt: skip
+    with open(record) as f, open(record + ".pss") as g:
+        assert json.load(f)["t0"] > 0 and int(g.read()) > 0
+
+    trl = report.summarize(_lines(True), t0=T0, threshold=0.9, checkpoints=[2, 4])
+    trl.update(peak_pss=2**30, cpu_s=10.0)
+    machine = {"cpu": "test cpu", "cores": 2, "commit": "abc", "load_before": [1.0], "load_after": [2.0]}
+    (tmp_path / "summary.json").write_text(json.dumps({"trl": trl, "machine": machine}))
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _lines(False)[:4]))
+    (tmp_path / "ours.start.json").write_text(json.dumps({"t0": T0, "pid": 1}))
+    (tmp_path / "ours.start.json.pss").write_text(str(3 * 2**30))
+    assert vs.main(["--report-only", "--out", str(tmp_path), "--checkpoints", "2", "4"]) == 0
+    text = (tmp_path / "vs_trl.md").read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:5]] for r in text.splitlines() if "|" in r}
+    assert rows["steps logged"] == ["3", "6", ""]
+    assert rows["peak PSS GiB (whole process tree)"] == ["3.00", "1.00", "3.00"]
+    assert rows["CPU s, whole run (user+sys, process tree)"] == ["n/a", "10.0", "n/a"]
+    assert rows["wall time to held-out >= threshold"][1] == "24.0 s (step 4)"
+    assert "stopped early (figures so far): ours" in text and "load average 1.00 before, 2.00 after" in text
