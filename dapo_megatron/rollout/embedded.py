@@ -21,6 +21,7 @@ completion was produced by exactly one set of weights and carries that ``weight_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Set
 
@@ -300,11 +301,14 @@ class EmbeddedEngine:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
+        def resolve() -> None:
+            if not done.done():
+                done.set_result(None)
+
         def wake() -> None:
-            try:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
-            except RuntimeError:  # the loop closed: the caller gave up (timed out) and nobody waits
-                pass
+            # RuntimeError: the loop closed, the caller gave up (timed out) and nobody waits
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(resolve)
 
         req.callbacks.append(wake)
         self._sched.submit(req)

@@ -24,8 +24,8 @@ class SlotLayer(CacheLayerMixin):
     def __init__(self, slots: int, kv_heads: int, width: int, head_dim: int, dtype: torch.dtype, device: str):
         super().__init__()
         shape = (slots, kv_heads, width, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = self._k = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = self._v = torch.zeros(shape, dtype=dtype, device=device)
         self.rows = torch.arange(slots, device=device)
         self.write_pos = torch.zeros(slots, dtype=torch.long, device=device)
         self.width = width
@@ -37,9 +37,9 @@ class SlotLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple:
         """``key_states``/``value_states`` ``[slots, kv_heads, 1, head_dim]`` go to ``write_pos``; returns
         the whole cache (the mask hides what a slot may not see)."""
-        self.keys[self.rows, :, self.write_pos] = key_states[:, :, 0]
-        self.values[self.rows, :, self.write_pos] = value_states[:, :, 0]
-        return self.keys, self.values
+        self._k[self.rows, :, self.write_pos] = key_states[:, :, 0]
+        self._v[self.rows, :, self.write_pos] = value_states[:, :, 0]
+        return self._k, self._v
 
     def get_mask_sizes(self, query_length: int) -> tuple:
         return self.width, 0
@@ -55,13 +55,14 @@ class SlotCache(Cache):
     """A :class:`transformers.Cache` of :class:`SlotLayer`s for ``num_layers`` layers."""
 
     def __init__(self, num_layers: int, slots: int, kv_heads: int, width: int, head_dim: int, dtype, device):
-        super().__init__(layers=[SlotLayer(slots, kv_heads, width, head_dim, dtype, device) for _ in range(num_layers)])
+        self.slot_layers = [SlotLayer(slots, kv_heads, width, head_dim, dtype, device) for _ in range(num_layers)]
+        super().__init__(layers=list(self.slot_layers))
         self.slots, self.width = slots, width
         self._positions = torch.arange(width, device=device)
 
     def step_inputs(self, positions: Tensor) -> Tensor:
         """Point every layer's writes at ``positions`` ``[slots]``; the boolean attention mask
         ``[slots, 1, 1, width]`` (True: attend) that shows each slot its positions ``0..positions[s]``."""
-        for layer in self.layers:
+        for layer in self.slot_layers:
             layer.write_pos = positions
         return (self._positions[None, :] <= positions[:, None])[:, None, None, :]

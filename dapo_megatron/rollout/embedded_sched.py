@@ -142,7 +142,8 @@ class Scheduler:
         while self.pending and not self.loading and len(self.free) >= self.pending[0].params.n:
             req = self.pending.popleft()
             self.free.sort()
-            req.slots, self.free = self.free[: req.params.n], self.free[req.params.n :]
+            taken: List[Optional[int]] = list(self.free[: req.params.n])
+            req.slots, self.free = taken, self.free[req.params.n :]
             req.version = self.engine.weight_version
             self.active.append(req)
 
