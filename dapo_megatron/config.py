@@ -158,18 +158,22 @@ class EvalConfig:
         temperature / top_p: sampling of evaluation responses.
         n_samples: responses per evaluation row (k of avg@k on top of any repeated rows).
         max_response_len: generation cap during evaluation.
+        max_concurrency: evaluation requests in flight per engine; 0 (default) submits the whole set
+            at once, which the embedded engine decodes as one batch (SGLang/vLLM queue it themselves).
     """
 
     temperature: float = 1.0
     top_p: float = 0.7
     n_samples: int = 1
     max_response_len: int = 20480
+    max_concurrency: int = 0
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
         _check(self.n_samples >= 1, "eval.n_samples", "must be >= 1")
         _check(self.max_response_len >= 1, "eval.max_response_len", "must be >= 1")
+        _check(self.max_concurrency >= 0, "eval.max_concurrency", "must be >= 0 (0: the whole set at once)")
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,17 @@
 Each evaluation row is sampled ``n_samples`` times with a seed fixed by the row (``seed + row``), so
 evaluating the same weights twice gives the same number, and the trainer's eval and the ``eval``
 command on the exported model agree up to the engines' numerics.
+
+By default every row is submitted at once (``concurrency=None``): the embedded engine then decodes the
+whole held-out set as one continuous batch instead of a few requests at a time. The result carries the
+wall time of the pass as ``time/eval_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Dict, List, Sequence
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from dapo_megatron.data.dataset import PromptDataset, eval_avg_at_k
 from dapo_megatron.rollout.base import SamplingParams
@@ -26,11 +31,13 @@ async def _sample_rows(
     params: SamplingParams,
     *,
     seed: int,
-    concurrency: int,
+    concurrency: Optional[int],
     timeout_s: float,
 ) -> List[list]:
-    """Completions of every row, rows spread round-robin over ``engines``."""
-    gate = asyncio.Semaphore(max(1, concurrency))
+    """Completions of every row, rows spread round-robin over ``engines``; at most ``concurrency``
+    requests in flight per engine (None or 0: all of them at once)."""
+    limit = len(prompt_ids) if not concurrency else concurrency * len(engines)
+    gate = asyncio.Semaphore(max(1, limit))
 
     async def one(i: int) -> list:
         async with gate:
@@ -49,15 +56,17 @@ def evaluate(
     decode: Callable[[List[int]], str],
     params: SamplingParams,
     seed: int = 0,
-    concurrency: int = 16,
+    concurrency: Optional[int] = None,
     timeout_s: float = 3600.0,
     run: Callable = asyncio.run,
 ) -> Dict[str, float]:
     """``eval/acc`` (avg@k over every sample), ``eval/pass_at_k``, ``eval/response_len_mean``,
-    ``eval/num_samples``. ``run`` executes a coroutine (pass a persistent loop's
-    ``run_until_complete`` when the engines are bound to one)."""
+    ``eval/num_samples`` and ``time/eval_s`` (generation and scoring). ``concurrency``: requests in
+    flight per engine, None or 0 for the whole set at once. ``run`` executes a coroutine (pass a
+    persistent loop's ``run_until_complete`` when the engines are bound to one)."""
     if len(dataset) == 0:
         raise ValueError("evaluate: the evaluation set is empty")
+    start = time.perf_counter()
     rows = run(_sample_rows(engines, prompt_ids, params, seed=seed, concurrency=concurrency, timeout_s=timeout_s))
     acc: List[bool] = []
     keys: List[str] = []
@@ -73,4 +82,5 @@ def evaluate(
         "eval/pass_at_k": summary["pass_at_k"],
         "eval/response_len_mean": sum(lengths) / len(lengths),
         "eval/num_samples": float(len(acc)),
+        "time/eval_s": time.perf_counter() - start,
     }
