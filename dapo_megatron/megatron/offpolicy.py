@@ -51,9 +51,12 @@ def stat_keys(sum_keys: Sequence[str], peak_keys: Sequence[str], tis: TISConfig)
 
 
 def accumulate(acc: Dict[str, float], stats: Dict[str, Tensor]) -> None:
-    """Add one micro-batch's detached stats into ``acc`` (``*_max`` by max, ``*_min`` by min)."""
-    for k, t in stats.items():
-        v = float(t.detach())
+    """Add one micro-batch's detached 0-dim stats into ``acc`` (``*_max`` by max, ``*_min`` by min)."""
+    if not stats:
+        return
+    # One device-to-host copy for all of them (a float() per stat would be a sync each on a GPU).
+    values = torch.stack([t.detach().double() for t in stats.values()]).tolist()
+    for k, v in zip(stats, values):
         if k.endswith("_max"):
             acc[k] = max(acc.get(k, 0.0), v)
         elif k.endswith("_min"):
