@@ -9,6 +9,7 @@ import pathlib
 import threading
 import time
 
+import pytest
 import torch
 
 from dapo_megatron.megatron.ckpt_data import from_json, to_json
@@ -82,8 +83,10 @@ def test_fixed_head_start_continues_with_the_new_weights_and_records_versions():
             torch.testing.assert_close(got[L // 2 :], full_new[L // 2 :], atol=5e-5, rtol=0)
             assert (got[L // 2 :] - full_old[L // 2 :]).abs().max() > 1e-2  # the two weights do differ
     m = version_metrics(batch, current=1, max_staleness=1)
-    assert m["async/staleness_tokens_1"] == m["async/staleness_tokens_0"] == 2 * G * (L // 2)
-    assert m["async/mixed_version_samples"] == 1.0 and m["async/staleness_max"] == 1.0
+    assert m["staleness/count_1"] == m["staleness/count_0"] == 2 * G * (L // 2)
+    assert m["async/mixed_version_samples"] == 1.0 and m["staleness/max"] == 1.0
+    with pytest.raises(RuntimeError, match="max_staleness=1"):  # version 0 at version 2: outside K = 1
+        version_metrics(batch, current=2, max_staleness=1)
 
 
 class SlowEngine(EmbeddedEngine):

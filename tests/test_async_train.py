@@ -41,12 +41,12 @@ def test_overlapped_producer_stays_within_the_bound_and_continues_partials(asset
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
         # every token trained at step t came from version t-1 or t-2 (K = 1), and the counts add up
-        assert r["async/staleness_max"] <= 1
-        assert r["async/staleness_tokens_0"] + r["async/staleness_tokens_1"] == r["actor/num_tokens"]
+        assert r["staleness/max"] <= 1
+        assert r["staleness/count_0"] + r["staleness/count_1"] == r["actor/num_tokens"]
         assert r["async/head_start_tokens"] > 0  # generation ran while the actor trained
-    assert records[0]["async/staleness_max"] == 0  # step 1 has nothing ahead: on-policy
+    assert records[0]["staleness/max"] == 0  # step 1 has nothing ahead: on-policy
     # the head start's groups were continued, and their old tokens trained at the next step
-    assert all(r["async/continued_groups"] > 0 and r["async/staleness_tokens_1"] > 0 for r in records[1:])
+    assert all(r["async/continued_groups"] > 0 and r["staleness/count_1"] > 0 for r in records[1:])
 
 
 def test_sigkill_mid_async_step_resumes_partials_bitwise(assets, tmp_path):
@@ -63,7 +63,7 @@ def test_sigkill_mid_async_step_resumes_partials_bitwise(assets, tmp_path):
     resumed = rb[2]  # the first step after the resume continued the saved trajectories
     assert resumed["async/continued_groups"] > 0 and resumed["async/mixed_version_samples"] > 0
     assert resumed["async/regenerated_stale_groups"] == 0
-    for key in ("reward/mean", "actor/grad_norm", "async/staleness_tokens_1", "async/head_start_tokens"):
+    for key in ("reward/mean", "actor/grad_norm", "staleness/count_1", "async/head_start_tokens"):
         assert [r[key] for r in ra] == [r[key] for r in rb], key
     a = _export(assets, straight / "checkpoints" / "step_000004", tmp_path / "a")
     b = _export(assets, killed / "checkpoints" / "step_000004", tmp_path / "b")

@@ -35,6 +35,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from dapo_megatron.algo.staleness import staleness_histogram
 from dapo_megatron.types import Group
 
 
@@ -113,26 +114,16 @@ class AsyncProducer:
 
 
 def version_metrics(groups: List[Group], *, current: int, max_staleness: int) -> Dict[str, float]:
-    """Per-token staleness (``current`` minus the token's weight version) of a batch: the token count
-    of each staleness ``0..K``, the mean, the max, and the fraction of samples mixing versions.
-    Raises ``RuntimeError`` when a token is newer than ``current`` or older than ``K`` allows: the
-    off-policy correction assumes the bound."""
-    counts = [0] * (max_staleness + 1)
-    mixed = total = 0
-    for g in groups:
-        for s in g.samples:
-            versions = s.versions()
-            total += 1
-            mixed += len(set(versions)) > 1
-            for v in versions:
-                lag = current - v
-                if not 0 <= lag <= max_staleness:
-                    raise RuntimeError(f"a token of prompt {g.prompt_index} has weight version {v} at policy version "
-                                       f"{current}: outside rollout.max_staleness={max_staleness}")  # fmt: skip
-                counts[lag] += 1
-    tokens = sum(counts)
-    out = {f"async/staleness_tokens_{s}": float(n) for s, n in enumerate(counts)}
-    out["async/staleness_mean"] = sum(s * n for s, n in enumerate(counts)) / tokens if tokens else 0.0
-    out["async/staleness_max"] = float(max((s for s, n in enumerate(counts) if n), default=0))
-    out["async/mixed_version_samples"] = mixed / total if total else 0.0
-    return out
+    """Per-token staleness (``current`` minus the token's weight version) of a batch: the
+    ``staleness/*`` histogram (``algo/staleness.py``: token counts per staleness ``0..K``, mean, max)
+    and ``async/mixed_version_samples``, the fraction of samples whose tokens mix versions (partial
+    rollouts continued across an update). Raises ``RuntimeError`` when a token is newer than
+    ``current`` or older than ``K`` allows: the off-policy correction assumes the bound."""
+    samples = [s for g in groups for s in g.samples]
+    versions = [v for s in samples for v in s.versions()]
+    try:
+        hist = staleness_histogram(versions, current, max_staleness)
+    except ValueError as e:
+        raise RuntimeError(f"a batch breaks rollout.max_staleness={max_staleness}: {e}") from None
+    mixed = sum(len(set(s.versions())) > 1 for s in samples)
+    return {**hist.metrics(), "async/mixed_version_samples": mixed / len(samples) if samples else 0.0}
