@@ -8,8 +8,9 @@ untruncated distribution (``embedded_sampling``).
 
 Continuous batching (``embedded_sched``): one decode thread runs every request in flight together,
 one forward pass per step over a preallocated KV cache of ``max_batch_rows`` slots by ``max_seq_len``
-positions (``embedded_cache``); new requests join at the next step, finished rows leave at once, an
-abort ends a request at the next step boundary with the tokens it has (``finish_reason="abort"``).
+positions (``embedded_cache``); a new request is prefilled alone and joins at the next step, finished
+rows leave at once, an abort ends a request at the next step boundary with the tokens it has
+(``finish_reason="abort"``).
 The step's shapes never change, so a request's completions are bitwise the same whatever else is in
 flight: a run is reproducible at any concurrency.
 
@@ -165,8 +166,13 @@ class EmbeddedEngine:
 
     @property
     def forward_steps(self) -> int:
-        """Decode steps (batched forward passes) run so far."""
+        """Decode steps (batched forward passes over every slot) run so far."""
         return self._sched.forwards
+
+    @property
+    def prefill_passes(self) -> int:
+        """Prompt prefills (one forward per request) run so far."""
+        return self._sched.prefills
 
     def _default_seed(self) -> int:
         self._requests += 1

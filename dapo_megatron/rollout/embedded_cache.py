@@ -13,6 +13,8 @@ next to any neighbours; ``tests/test_embedded_batching.py`` checks it end to end
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -41,6 +43,12 @@ class SlotLayer(CacheLayerMixin):
         self._v[self.rows, :, self.write_pos] = value_states[:, :, 0]
         return self._k, self._v
 
+    def load(self, rows: Tensor, keys: Tensor, values: Tensor) -> None:
+        """A prompt's ``keys``/``values`` ``[1, kv_heads, len, head_dim]`` into positions ``0..len-1`` of ``rows``."""
+        length = keys.shape[2]
+        self._k[rows, :, :length] = keys.to(self._k.dtype)
+        self._v[rows, :, :length] = values.to(self._v.dtype)
+
     def get_mask_sizes(self, query_length: int) -> tuple:
         return self.width, 0
 
@@ -59,6 +67,19 @@ class SlotCache(Cache):
         super().__init__(layers=list(self.slot_layers))
         self.slots, self.width = slots, width
         self._positions = torch.arange(width, device=device)
+
+    def prefill(self, model, prompt: List[int], slots: List[int]) -> Tensor:
+        """Run ``model`` on ``prompt`` alone (``[1, len]``, no padding), copy its keys/values into
+        positions ``0..len-1`` of every slot in ``slots``; returns the last position's logits ``[V]``."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([prompt], dtype=torch.long, device=self._positions.device)
+        own = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, cache=own, use_cache=True, logits_to_keep=1).logits[0, -1]
+        rows = torch.tensor(slots, dtype=torch.long, device=ids.device)
+        for layer, src in zip(self.slot_layers, own.layers):
+            layer.load(rows, src.keys, src.values)
+        return logits
 
     def step_inputs(self, positions: Tensor) -> Tensor:
         """Point every layer's writes at ``positions`` ``[slots]``; the boolean attention mask

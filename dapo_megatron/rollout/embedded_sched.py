@@ -1,16 +1,17 @@
 """Continuous batching for the embedded engine: one decode thread steps every request in flight.
 
-Each step is one forward pass over all ``slots`` rows of the :class:`SlotCache` (``[slots, 1]`` tokens):
-a row still reading its prompt feeds its next prompt token (prefill one token per step, so a new
-request joins at the next step and the step's shapes never change), a row past its prompt feeds its
-last sampled token; rows at or past their last prompt token then sample. A finished row frees its slot
-at once; an aborted request leaves at the next step boundary with the tokens it has.
+A newly admitted request is prefilled alone (one ``[1, prompt_len]`` forward, shared by its ``n`` rows:
+its keys/values are copied into the ``n`` slots and its last logits give each row's first token), and
+joins the next decode step. Each decode step is one forward pass over all ``slots`` rows of the
+:class:`SlotCache` (``[slots, 1]`` tokens, each row its last sampled token). A finished row frees its
+slot at once; an aborted request leaves at the next step boundary with the tokens it has.
 
 Reproducibility: a request owns a ``torch.Generator`` seeded with its seed and draws ``n`` uniforms at
-each of its sampling steps (one per row, finished rows included, so the stream depends only on the
-step count); the forward and the sampler are row-wise with fixed shapes (see ``embedded_cache``). So
-a request's completions depend on its prompt, parameters, seed and the weights, never on which other
-requests share the batch or when they arrived.
+its prefill and at each of its decode steps (one per row, finished rows included, so the stream
+depends only on the step count). The prefill sees only the request's own prompt, and the decode step
+and the sampler are row-wise with fixed shapes (see ``embedded_cache``). So a request's completions
+depend on its prompt, parameters, seed and the weights, never on which other requests share the batch
+or when they arrived.
 
 Locking: ``cv`` (a ``threading.Condition``) guards the queues, slots, ``loading`` and the request
 states; the forward runs outside it (under ``model_lock``) so submissions and aborts never wait for a
@@ -48,7 +49,7 @@ class Request:
     logps: List[List[float]] = field(default_factory=list)
     reasons: List[Optional[str]] = field(default_factory=list)
     slots: List[Optional[int]] = field(default_factory=list)  # slot of row j, None once it left
-    fed: int = 0  # positions fed so far (the next feed goes to position ``fed``)
+    fed: int = 0  # positions in the cache so far (the next decode step writes position ``fed``)
     version: int = 0
     error: Optional[BaseException] = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -58,13 +59,20 @@ class Request:
         n = self.params.n
         self.tokens, self.logps, self.reasons = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
 
-    def next_token(self, row: int) -> int:
-        return self.prompt[self.fed] if self.fed < len(self.prompt) else self.tokens[row][-1]
+    def draw(self) -> List[float]:
+        """The ``n`` uniforms of this request's next sampling step."""
+        return torch.rand(self.params.n, generator=self.generator, dtype=torch.float64).tolist()
 
-    @property
-    def sampling(self) -> bool:
-        """This step's feed is the last prompt token or a sampled one: its logits give a new token."""
-        return self.fed >= len(self.prompt) - 1
+
+def _first_tokens(logits: torch.Tensor, req: Request) -> Tuple[list, list]:
+    """Each of the request's ``n`` rows draws its first token from the prompt's last ``logits`` ``[V]``."""
+    p, rows = req.params, req.params.n
+    logp = torch.log_softmax(logits.float()[None, :].expand(rows, -1) / p.temperature, dim=-1)
+    dev = logp.device
+    top_p = torch.full((rows,), p.top_p, dtype=torch.float32, device=dev)
+    top_k = torch.full((rows,), p.top_k, dtype=torch.long, device=dev)
+    tokens = sample_rows(logp, top_p, top_k, torch.tensor(req.draw(), dtype=torch.float64, device=dev))
+    return tokens.tolist(), logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
 
 
 class Scheduler:
@@ -79,6 +87,7 @@ class Scheduler:
         self.free: List[int] = list(range(slots))
         self.loading = 0  # weight loads waiting or running: admission stops
         self.forwards = 0  # decode steps run (tests count them)
+        self.prefills = 0  # prompts prefilled
         self._cache: Any = None
         self._thread: Optional[threading.Thread] = None
 
@@ -104,24 +113,28 @@ class Scheduler:
     def _run(self) -> None:
         with torch.no_grad():  # grad mode is per thread
             while True:
-                plan = self._next_step()
-                if plan is None:
+                admitted = self._next_admissions()
+                if admitted is None:
                     return
                 try:
+                    self._prefill(admitted)
+                    plan = self._plan()
+                    if plan is None:
+                        continue
                     out = self._forward(*plan[1:])
                 except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the thread
-                    self._fail(plan[0], e)
+                    self._fail(e)
                     continue
                 self._apply(plan[0], out)
 
-    def _next_step(self) -> Optional[Tuple[Any, ...]]:
-        """Drop aborted requests, admit pending ones, and lay out the step; None: the thread exits."""
+    def _next_admissions(self) -> Optional[List[Request]]:
+        """Drop aborted requests and admit pending ones (returned, to prefill); None: the thread exits."""
         with self.cv:
             while True:
                 self._drop_aborted()
-                self._admit()
+                admitted = self._admit()
                 if self.active:
-                    return self._layout()
+                    return admitted
                 if not self.engine.alive and not self.pending:
                     self._thread = None
                     return None
@@ -137,8 +150,9 @@ class Scheduler:
             req.version = self.engine.weight_version
             self._finish(req, "abort")
 
-    def _admit(self) -> None:
+    def _admit(self) -> List[Request]:
         """FIFO: the head request enters once ``n`` slots are free, never while weights load."""
+        admitted = []
         while self.pending and not self.loading and len(self.free) >= self.pending[0].params.n:
             req = self.pending.popleft()
             self.free.sort()
@@ -146,21 +160,41 @@ class Scheduler:
             req.slots, self.free = taken, self.free[req.params.n :]
             req.version = self.engine.weight_version
             self.active.append(req)
+            admitted.append(req)
+        return admitted
+
+    def _prefill(self, admitted: List[Request]) -> None:
+        """Each new request alone: its prompt's keys/values into its slots, each row's first token."""
+        for req in admitted:
+            slots = [s for s in req.slots if s is not None]
+            with self.model_lock:
+                logits = self._slot_cache().prefill(self.engine.model, req.prompt, slots)
+                self.prefills += 1
+            tokens, chosen = _first_tokens(logits, req)
+            with self.cv:
+                req.fed = len(req.prompt)
+                self._record_rows(req, dict(zip(slots, zip(tokens, chosen))))
+                self._complete_if_done(req)
+
+    def _plan(self) -> Optional[Tuple[Any, ...]]:
+        """The decode step's per-slot inputs (free slots: pad token at position 0, temperature 1);
+        None when no active request has a running row."""
+        with self.cv:
+            if not self.active:
+                return None
+            return self._layout()
 
     def _layout(self) -> Tuple[Any, ...]:
-        """The step's per-slot inputs (free slots: pad token at position 0, temperature 1)."""
         ids, pos = [self.engine.pad_id] * self.slots, [0] * self.slots
         temp, top_p, top_k, u = [1.0] * self.slots, [1.0] * self.slots, [-1] * self.slots, [0.0] * self.slots
         for req in self.active:
             p = req.params
-            draws = torch.rand(p.n, generator=req.generator, dtype=torch.float64).tolist() if req.sampling else None
+            draws = req.draw()
             for j, s in enumerate(req.slots):
                 if s is None:
                     continue
-                ids[s], pos[s] = req.next_token(j), req.fed
+                ids[s], pos[s], u[s] = req.tokens[j][-1], req.fed, draws[j]
                 temp[s], top_p[s], top_k[s] = p.temperature, p.top_p, p.top_k
-                if draws is not None:
-                    u[s] = draws[j]
         dev = self.engine.device
         as_t = lambda v, dt: torch.tensor(v, dtype=dt, device=dev)  # noqa: E731
         return (list(self.active), as_t(ids, torch.long), as_t(pos, torch.long), as_t(temp, torch.float32),
@@ -198,21 +232,25 @@ class Scheduler:
             for req in stepped:
                 if req.done.is_set():
                     continue
-                if req.sampling:
-                    self._record(req, tokens, logps)
+                self._record_rows(req, {s: (tokens[s], logps[s]) for s in req.slots if s is not None})
                 req.fed += 1
-                if all(r is not None for r in req.reasons):
-                    self.active.remove(req)
-                    self._complete(req)
+                self._complete_if_done(req)
             self.cv.notify_all()
 
-    def _record(self, req: Request, tokens: list, logps: list) -> None:
+    def _complete_if_done(self, req: Request) -> None:
+        if all(r is not None for r in req.reasons):
+            self.active.remove(req)
+            self._complete(req)
+
+    def _record_rows(self, req: Request, drawn: dict) -> None:
+        """Append ``drawn[slot] = (token, logprob)`` to each running row; a finished row leaves."""
         for j, s in enumerate(req.slots):
             if s is None:
                 continue
-            req.tokens[j].append(tokens[s])
-            req.logps[j].append(logps[s])
-            if tokens[s] in req.stop:
+            token, logp = drawn[s]
+            req.tokens[j].append(token)
+            req.logps[j].append(logp)
+            if token in req.stop:
                 req.reasons[j] = "stop"
             elif len(req.tokens[j]) >= req.limit:
                 req.reasons[j] = "length"
@@ -231,12 +269,12 @@ class Scheduler:
             self.active.remove(req)
         self._complete(req)
 
-    def _fail(self, stepped: List[Request], error: BaseException) -> None:
+    def _fail(self, error: BaseException) -> None:
+        """A prefill or step raised: every active request ends with the error."""
         with self.cv:
-            for req in stepped:
-                if not req.done.is_set():
-                    req.error = error
-                    self._finish(req, "abort")
+            for req in list(self.active):
+                req.error = error
+                self._finish(req, "abort")
             self.cv.notify_all()
 
     def _complete(self, req: Request) -> None:
