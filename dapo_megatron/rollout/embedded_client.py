@@ -106,9 +106,11 @@ class EmbeddedWorkerEngine:
                 theirs.close()  # the child holds its copy: its death is our end of stream
         try:
             ready = _handshake(proc, ours, spec, start_timeout_s)
-        except BaseException:
+        except BaseException as e:
             ours.close()
             stop_process(proc, timeout_s=5.0)
+            if log_path and isinstance(e, EngineError):
+                raise EngineError(f"{e} (its output is in {log_path})") from None
             raise
         return cls(proc, ours, weight_version=ready["weight_version"], control_timeout_s=control_timeout_s)
 
