@@ -16,7 +16,8 @@ from dapo_megatron.megatron.ckpt_data import from_json, to_json
 from dapo_megatron.rewards.base import RewardResult
 from dapo_megatron.rollout.base import SamplingParams
 from dapo_megatron.rollout.embedded import EmbeddedEngine
-from dapo_megatron.rollout.generator import PromptItem, StreamingRollout, is_partial
+from dapo_megatron.rollout.generator import PromptItem, StreamingRollout
+from dapo_megatron.rollout.partial import is_partial
 from dapo_megatron.rollout.producer import version_metrics
 from dapo_megatron.types import Group, Sample
 
