@@ -3,6 +3,11 @@
 The loop body is kept to one screen; each step helper below does one numbered thing. Trainer
 rank 0 drives the engines and plans each batch; every DP replica receives only its rows, every rank
 trains and joins the weight sync.
+
+Asynchronous DAPO (``rollout.max_staleness`` K >= 1) keeps this order: ``collect_groups`` takes the
+batch from the rollout producer (``rollout/producer.py``), which has been generating it, within the
+staleness bound, while the actor trained the previous step; ``sync_engines`` pauses the producer
+(in-flight responses keep their tokens and continue after the update).
 """
 
 from __future__ import annotations
