@@ -27,6 +27,14 @@ class ModelConfig:
         recompute_method: for ``full``: ``uniform`` or ``block``.
         recompute_num_layers: layers per recompute unit (``full`` only).
         seed: seed of parameter initialisation and dropout.
+        moe_aux_loss_coeff: weight of megatron's load-balancing aux loss (MoE models; 0 = off). It is
+            added once per optimizer step, whatever the number of micro-batches.
+        moe_token_dispatcher: how tokens reach their experts' ranks: ``alltoall`` (works on gloo and
+            NCCL) or ``flex`` (DeepEP on CUDA). ``allgather`` is refused: megatron rejects it with
+            the variable-length micro-batches this trainer packs.
+        moe_capacity_factor: ``None`` (no token dropping) or the expert capacity as a multiple of the
+            even share ``tokens * topk / num_experts``; tokens over capacity are dropped (counted in
+            the ``moe/tokens_dropped`` metric).
     """
 
     hf_path: str = ""
@@ -39,8 +47,23 @@ class ModelConfig:
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     seed: int = 1234
+    moe_aux_loss_coeff: float = 0.0
+    moe_token_dispatcher: str = "alltoall"
+    moe_capacity_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
+        _check(self.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", "must be >= 0")
+        _check(
+            self.moe_token_dispatcher != "allgather",
+            "model.moe_token_dispatcher",
+            "'allgather' is not supported: megatron-core rejects it with variable-length micro-batches; use 'alltoall'",
+        )
+        _choice(self.moe_token_dispatcher, "model.moe_token_dispatcher", ("alltoall", "flex"))
+        _check(
+            self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
+            "model.moe_capacity_factor",
+            "must be null (no dropping) or > 0",
+        )
         _choice(self.params_dtype, "model.params_dtype", DTYPES)
         _choice(self.transformer_impl, "model.transformer_impl", ("auto", "local", "transformer_engine"))
         _choice(self.fp8, "model.fp8", (None, "e4m3", "hybrid"))

@@ -101,9 +101,11 @@ def test_unsupported_features_raise():
 
 
 def test_unknown_model_type_lists_supported():
-    with pytest.raises(ValueError, match=r"unsupported HF model_type 'gpt2'; supported: llama, qwen2, qwen3"):
+    with pytest.raises(
+        ValueError, match=r"unsupported HF model_type 'gpt2'; supported: llama, qwen2, qwen3, qwen3_moe"
+    ):
         model_spec_from_hf({"model_type": "gpt2"})
-    assert sorted(ARCHITECTURES) == ["llama", "qwen2", "qwen3"]
+    assert sorted(ARCHITECTURES) == ["llama", "qwen2", "qwen3", "qwen3_moe"]
 
 
 def test_spec_from_folder_and_file(tmp_path):

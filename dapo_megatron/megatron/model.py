@@ -1,4 +1,4 @@
-"""Build a megatron-core GPTModel from a HuggingFace config (Qwen2, Qwen3, Llama).
+"""Build a megatron-core GPTModel from a HuggingFace config (Qwen2, Qwen3, Llama, Qwen3-MoE).
 
 Three steps, each a plain function:
 
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dapo_megatron.config import ConfigError, ModelConfig
+from dapo_megatron.megatron.moe import MoESpec, moe_config_kwargs, moe_spec_from_hf, prepare_moe_build
 from dapo_megatron.parallel.topology import Topology, check_model_fits
 
 if TYPE_CHECKING:  # megatron-core is imported lazily, inside the functions that need it
@@ -76,6 +77,7 @@ class ModelSpec:
         tied_embeddings: the output layer shares the input embedding matrix.
         rope_scaling: ``None`` or Llama 3 scaling ``{"rope_type": "llama3", "factor",
             "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``.
+        moe: ``None`` (dense) or the experts of every layer's MLP (Qwen3-MoE).
     """
 
     model_type: str
@@ -93,6 +95,7 @@ class ModelSpec:
     qk_layernorm: bool
     tied_embeddings: bool
     rope_scaling: Optional[dict] = None
+    moe: Optional[MoESpec] = None
 
 
 # ----------------------------------------------------------------------------- HF config -> spec
@@ -177,7 +180,16 @@ def _llama(hf: dict) -> ModelSpec:
     return _common(hf, qkv_bias=False, qk_layernorm=False)
 
 
-ARCHITECTURES: dict[str, Callable[[dict], ModelSpec]] = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama}
+def _qwen3_moe(hf: dict) -> ModelSpec:
+    return dataclasses.replace(_qwen3(hf), moe=moe_spec_from_hf(hf))
+
+
+ARCHITECTURES: dict[str, Callable[[dict], ModelSpec]] = {
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "llama": _llama,
+    "qwen3_moe": _qwen3_moe,
+}
 
 
 def model_spec_from_hf(hf_config: dict | str | os.PathLike) -> ModelSpec:
@@ -274,9 +286,17 @@ def _recompute_kwargs(model_cfg: ModelConfig) -> dict:
 
 
 def transformer_config(
-    spec: ModelSpec, topology: Topology, model_cfg: ModelConfig, *, sequence_parallel: bool = False
+    spec: ModelSpec,
+    topology: Topology,
+    model_cfg: ModelConfig,
+    *,
+    sequence_parallel: bool = False,
+    training: bool = True,
 ) -> TransformerConfig:
     """megatron ``TransformerConfig`` for ``spec`` split over ``topology``.
+
+    ``training=False`` admits layouts only a forward in eval mode can run (MoE with TP > 1 and no
+    sequence parallelism, which megatron-core refuses in training mode).
 
     Raises ``ConfigError`` for FP8 or Transformer Engine requests this machine cannot honour and
     ``ValueError`` when the model does not divide over the topology.
@@ -298,6 +318,12 @@ def transformer_config(
             f"parallel.sequence_parallel needs Transformer Engine layers on CUDA, but model.transformer_impl="
             f"{model_cfg.transformer_impl!r} resolved to 'local' on this machine: megatron-core's local layers use "
             "torch norms, which do not support sequence parallelism. Turn parallel.sequence_parallel off"
+        )
+    if spec.moe is not None and training and topology.tp > 1 and not sequence_parallel:
+        raise ConfigError(
+            f"parallel.tensor: a MoE model at tensor={topology.tp} needs parallel.sequence_parallel (megatron-core "
+            "refuses MoE with tensor parallelism and without sequence parallelism in training), and sequence "
+            "parallelism needs Transformer Engine layers; use parallel.expert instead of parallel.tensor on CPU"
         )
     dtype = _DTYPES[model_cfg.params_dtype]
     return TransformerConfig(
@@ -329,7 +355,6 @@ def transformer_config(
         # unbatched p2p is exact everywhere, and on CPU speed does not matter.
         batch_p2p_comm=not on_cpu,
         variable_seq_lengths=True,  # micro-batches are packed to different lengths
-        moe_token_dispatcher_type="alltoall",  # dense models; megatron rejects allgather + variable lengths
         deallocate_pipeline_outputs=True,
         # dtypes
         params_dtype=dtype,
@@ -340,21 +365,38 @@ def transformer_config(
         transformer_impl=impl,
         **_recompute_kwargs(model_cfg),
         **_fp8_kwargs(model_cfg, TransformerConfig),
+        **_dispatcher_kwargs(spec, topology, model_cfg, impl),
     )
 
 
-def layer_spec(model_cfg: ModelConfig, *, qk_layernorm: bool = False) -> ModuleSpec:
-    """Transformer layer ``ModuleSpec``: Transformer Engine layers or megatron-core's torch layers."""
+def _dispatcher_kwargs(spec: ModelSpec, topology: Topology, model_cfg: ModelConfig, impl: str) -> dict:
+    # Dense models still name a dispatcher: megatron rejects its default (allgather) with variable lengths.
+    moe = moe_config_kwargs(spec.moe, model_cfg, topology.ep, transformer_engine=impl == "transformer_engine")
+    return moe or {"moe_token_dispatcher_type": "alltoall"}
+
+
+def layer_spec(model_cfg: ModelConfig, *, qk_layernorm: bool = False, num_experts: Optional[int] = None) -> ModuleSpec:
+    """Transformer layer ``ModuleSpec``: Transformer Engine layers (grouped-GEMM experts) or
+    megatron-core's torch layers (one ``MLP`` per expert); ``num_experts=None`` is a dense MLP."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if resolve_transformer_impl(model_cfg) == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=qk_layernorm
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm, normalization="RMSNorm"
+    )
 
 
 # ----------------------------------------------------------------------------- build
 def build_model_chunks(
-    spec: ModelSpec, topology: Topology, model_cfg: ModelConfig, *, sequence_parallel: bool = False
+    spec: ModelSpec,
+    topology: Topology,
+    model_cfg: ModelConfig,
+    *,
+    sequence_parallel: bool = False,
+    training: bool = True,
 ) -> list[GPTModel]:
     """This rank's model: one ``GPTModel`` per virtual-pipeline chunk (a list of length ``vpp``).
 
@@ -362,13 +404,16 @@ def build_model_chunks(
     has the embedding and only the last chunk of the last pipeline rank has the output layer. The
     vocabulary is padded with :func:`padded_vocab_size` (the padded rows produce real logits; mask
     them with ``valid_vocab_size`` in the log-prob code). Needs ``init_model_parallel(topology)``.
+    ``training``: see :func:`transformer_config`.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     # Validate the request (FP8, TE, divisibility) before touching any parallel state or weights.
-    config = transformer_config(spec, topology, model_cfg, sequence_parallel=sequence_parallel)
-    layers = layer_spec(model_cfg, qk_layernorm=spec.qk_layernorm)
+    config = transformer_config(spec, topology, model_cfg, sequence_parallel=sequence_parallel, training=training)
+    layers = layer_spec(model_cfg, qk_layernorm=spec.qk_layernorm, num_experts=spec.moe and spec.moe.num_experts)
+    if spec.moe is not None:
+        prepare_moe_build()
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("build_model_chunks: call init_model_parallel() first")
     actual = (

@@ -54,8 +54,11 @@ class ArchMapping:
     gate: str = "mlp.gate_proj.weight"
     up: str = "mlp.up_proj.weight"
     down: str = "mlp.down_proj.weight"
+    router: str = "mlp.gate.weight"
+    expert: str = "mlp.experts.{e}."
     qkv_bias_allowed: bool = True
     qk_norm_allowed: bool = False
+    moe_allowed: bool = False
 
 
 # The explicit table (architecture habit 8): HF ``model_type`` -> mapping. The three families share
@@ -63,6 +66,7 @@ class ArchMapping:
 ARCH_MAPPINGS: Dict[str, ArchMapping] = {
     "qwen2": ArchMapping(qkv_bias_allowed=True, qk_norm_allowed=False),
     "qwen3": ArchMapping(qkv_bias_allowed=True, qk_norm_allowed=True),
+    "qwen3_moe": ArchMapping(qkv_bias_allowed=False, qk_norm_allowed=True, moe_allowed=True),
     "llama": ArchMapping(qkv_bias_allowed=True, qk_norm_allowed=False),
 }
 
@@ -89,6 +93,11 @@ def check_spec(spec: Any) -> ArchMapping:
             f"num_attention_heads={spec.num_attention_heads} is not a multiple of "
             f"num_query_groups={spec.num_query_groups}"
         )
+    moe = getattr(spec, "moe", None)
+    if moe is not None and not arch.moe_allowed:
+        raise ValueError(f"model_type={spec.model_type!r} has no experts, but the spec asks for {moe.num_experts}")
+    if moe is not None and moe.shared_expert_ffn_hidden_size:
+        raise ValueError(f"model_type={spec.model_type!r}: shared experts are not mapped to HF names")
     return arch
 
 
@@ -206,6 +215,9 @@ _NORM_NAMES = {
     "te": ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"),
 }
 _LAYER_RE_PREFIX = "decoder.layers."
+# Routed experts of a MoE layer (megatron's SequentialMLP); the index is global in this module's
+# names (``expert_name``), local to the EP rank in a built model's parameter names.
+EXPERT_PREFIX = "mlp.experts.local_experts."
 
 
 @dataclass(frozen=True)
@@ -216,6 +228,22 @@ class ConvItem:
     hf_names: Tuple[str, ...]
     kind: str
     layer: Optional[int] = None
+    expert: Optional[int] = None  # global expert index of a routed expert's tensor
+
+
+def expert_of(megatron_name: str) -> Optional[int]:
+    """The expert index in a routed expert's megatron name, else None."""
+    if EXPERT_PREFIX not in megatron_name:
+        return None
+    return int(megatron_name.split(EXPERT_PREFIX, 1)[1].split(".", 1)[0])
+
+
+def renumber_expert(megatron_name: str, offset: int) -> str:
+    """``...local_experts.{j}.rest`` -> ``...local_experts.{j + offset}.rest`` (local <-> global index:
+    EP rank ``r`` of ``ep`` holds experts ``r*E/ep .. (r+1)*E/ep - 1`` as local ``0 .. E/ep - 1``)."""
+    head, tail = megatron_name.split(EXPERT_PREFIX, 1)
+    j, rest = tail.split(".", 1)
+    return f"{head}{EXPERT_PREFIX}{int(j) + offset}.{rest}"
 
 
 def head_dim(spec: Any) -> int:
@@ -241,12 +269,23 @@ def _layer_items(spec: Any, arch: ArchMapping, i: int, naming: str) -> List[Conv
     if spec.qk_layernorm:
         items.append(ConvItem(mg + "self_attention.q_layernorm.weight", (hf + arch.q_norm,), COPY, i))
         items.append(ConvItem(mg + "self_attention.k_layernorm.weight", (hf + arch.k_norm,), COPY, i))
+    moe = getattr(spec, "moe", None)
+    if moe is not None:  # the MoE layer's norm is never fused into a linear layer, in either spec
+        mlp_norm = "pre_mlp_layernorm.weight"
     items += [
         ConvItem(mg + "self_attention.linear_proj.weight", (hf + arch.o,), COPY, i),
         ConvItem(mg + mlp_norm, (hf + arch.post_attn_norm,), COPY, i),
-        ConvItem(mg + "mlp.linear_fc1.weight", (hf + arch.gate, hf + arch.up), FC1, i),
-        ConvItem(mg + "mlp.linear_fc2.weight", (hf + arch.down,), COPY, i),
     ]
+    if moe is None:
+        items.append(ConvItem(mg + "mlp.linear_fc1.weight", (hf + arch.gate, hf + arch.up), FC1, i))
+        items.append(ConvItem(mg + "mlp.linear_fc2.weight", (hf + arch.down,), COPY, i))
+        return items
+    items.append(ConvItem(mg + "mlp.router.weight", (hf + arch.router,), COPY, i))
+    for e in range(moe.num_experts):
+        he, me = hf + arch.expert.format(e=e), f"{mg}{EXPERT_PREFIX}{e}."
+        gate_up = (he + arch.gate.split(".", 1)[1], he + arch.up.split(".", 1)[1])
+        items.append(ConvItem(me + "linear_fc1.weight", gate_up, FC1, i, e))
+        items.append(ConvItem(me + "linear_fc2.weight", (he + arch.down.split(".", 1)[1],), COPY, i, e))
     return items
 
 
@@ -298,12 +337,20 @@ def hf_shapes(spec: Any) -> Dict[str, Tuple[int, ...]]:
         arch.up: (ffn, h),
         arch.down: (h, ffn),
     }
+    moe = getattr(spec, "moe", None)
+    if moe is not None:
+        eff = moe.ffn_hidden_size
+        per_suffix[arch.router] = (moe.num_experts, h)
+        expert = {"gate_proj.weight": (eff, h), "up_proj.weight": (eff, h), "down_proj.weight": (h, eff)}
     shapes = {arch.embed: (spec.vocab_size, h), arch.final_norm: (h,), arch.lm_head: (spec.vocab_size, h)}
     out: Dict[str, Tuple[int, ...]] = {}
     for item in conversion_plan(spec):
         for name in item.hf_names:
             prefix = arch.layer_prefix.format(i=item.layer) if item.layer is not None else ""
-            out[name] = shapes[name] if item.layer is None else per_suffix[name[len(prefix) :]]
+            if item.expert is not None:
+                out[name] = expert[name.rsplit(".", 2)[-2] + ".weight"]
+            else:
+                out[name] = shapes[name] if item.layer is None else per_suffix[name[len(prefix) :]]
     return out
 
 

@@ -12,9 +12,10 @@ norm, output layer):
 3. rank 0 converts it to HF tensors (``mapping.megatron_to_hf``) and yields them.
 
 Every rank yields the same sequence of HF names; only global rank 0 gets tensors, the others get
-``None``. All ranks must exhaust the iterator together (it contains collectives). Not handled:
-expert parallelism (dense models only). Peak extra memory on rank 0: one full tensor (plus its
-HF split), on an owner stage: the TP shards of one tensor.
+``None``. All ranks must exhaust the iterator together (it contains collectives). A routed
+expert (MoE) is gathered by its own EP rank (expert-DP rank 0, over the expert-TP group) and sent
+from there to rank 0. Peak extra memory on rank 0: one full tensor (plus its HF split), on an
+owner stage: the TP shards of one tensor.
 """
 
 from __future__ import annotations
@@ -69,15 +70,19 @@ def _unwrap(chunk: Any) -> Any:
     return chunk
 
 
-def local_params(model_chunks: Sequence[Any]) -> Dict[str, Tensor]:
-    """Global megatron name (local-spec scheme, global layer index) -> this rank's shard.
+def local_params(model_chunks: Sequence[Any], ep_rank: int = 0) -> Dict[str, Tensor]:
+    """Global megatron name (local-spec scheme, global layer index, global expert index) -> this
+    rank's shard.
 
     Layer indices come from each layer's ``layer_number`` (1-based, global), so any layer offset
-    logic megatron applied is respected.
+    logic megatron applied is respected. Expert ``j`` of EP rank ``ep_rank`` is global expert
+    ``ep_rank * E/ep + j`` (megatron's contiguous expert split).
     """
     out: Dict[str, Tensor] = {}
     for chunk in model_chunks:
         model = _unwrap(chunk)
+        experts = getattr(model.config, "num_moe_experts", None) or 0
+        offset = ep_rank * (experts // model.config.expert_model_parallel_size)
         local_to_global = {}
         decoder = getattr(model, "decoder", None)
         for j, layer in enumerate(getattr(decoder, "layers", [])):
@@ -86,6 +91,8 @@ def local_params(model_chunks: Sequence[Any]) -> Dict[str, Tensor]:
             if name.startswith("decoder.layers."):
                 j, rest = name[len("decoder.layers.") :].split(".", 1)
                 name = f"decoder.layers.{local_to_global[int(j)]}.{rest}"
+            if offset and mapping.expert_of(name) is not None:
+                name = mapping.renumber_expert(name, offset)
             out[mapping.normalize_megatron_name(name)] = p.detach()
     return out
 
@@ -108,6 +115,22 @@ class _Groups:
         self.rank = dist.get_rank()
         # Global rank of each pipeline stage in *this* rank's PP group (same TP/DP coordinates).
         self.stage_ranks = dist.get_process_group_ranks(pp_ranks)
+        # Expert layout: EP rank r holds experts [r*E/ep, (r+1)*E/ep); its expert-DP rank 0 holds the
+        # copy that is gathered (over the expert-TP group) and sent.
+        self.ep = ps.get_expert_model_parallel_world_size()
+        self.ep_rank = ps.get_expert_model_parallel_rank()
+        self.edp_rank = ps.get_expert_data_parallel_rank()
+        self.etp = ps.get_expert_tensor_parallel_world_size()
+        self.etp_rank = ps.get_expert_tensor_parallel_rank()
+        self.etp_group = ps.get_expert_tensor_parallel_group()
+
+    def expert_holders(self) -> Dict[Tuple[int, int], int]:
+        """Collective: ``(pp_rank, ep_rank)`` -> the global rank that holds the gathered experts."""
+        import torch.distributed as dist
+
+        coords = [None] * dist.get_world_size()
+        dist.all_gather_object(coords, (self.pp_rank, self.ep_rank, self.edp_rank, self.etp_rank))
+        return {(c[0], c[1]): r for r, c in enumerate(coords) if c is not None and c[2:] == (0, 0)}
 
 
 def _owner_stage(item: mapping.ConvItem, owners: List[Tuple[int, int]], pp: int) -> int:
@@ -117,14 +140,38 @@ def _owner_stage(item: mapping.ConvItem, owners: List[Tuple[int, int]], pp: int)
 
 
 def _gather_tp(name: str, shard: Tensor, g: _Groups) -> Tensor:
+    """The TP=1 tensor of ``name`` from this rank's TP group (the expert-TP group for experts)."""
     import torch.distributed as dist
 
-    if g.tp == 1 or mapping.tp_rule(name) == mapping.REPLICATED:
+    expert = mapping.expert_of(name) is not None
+    size, group = (g.etp, g.etp_group) if expert else (g.tp, g.tp_group)
+    if size == 1 or mapping.tp_rule(name) == mapping.REPLICATED:
         return shard
     shard = shard.contiguous()
-    parts = [torch.empty_like(shard) for _ in range(g.tp)]
-    dist.all_gather(parts, shard, group=g.tp_group)
+    parts = [torch.empty_like(shard) for _ in range(size)]
+    dist.all_gather(parts, shard, group=group)
     return mapping.tp_gather(name, parts)
+
+
+def _expert_on_rank0(item, owner: int, params, g: _Groups, holders, per_rank: int, shapes, dtype):
+    """A routed expert's TP=1 tensor on global rank 0 (None elsewhere): its EP rank's expert-DP-rank-0
+    copy is gathered over the expert-TP group, then sent by that group's rank 0 unless it is rank 0."""
+    import torch.distributed as dist
+
+    name, ep_owner = item.megatron_name, item.expert // per_rank
+    full = None
+    if (g.pp_rank, g.ep_rank, g.edp_rank) == (owner, ep_owner, 0):
+        full = _gather_tp(name, params[name], g)
+    holder = holders[(owner, ep_owner)]
+    if holder == 0:
+        return full if g.rank == 0 else None
+    if g.rank == 0:
+        buf = torch.empty(shapes[name], dtype=dtype, device=params["embedding.word_embeddings.weight"].device)
+        dist.recv(buf, src=holder)
+        return buf
+    if g.rank == holder:
+        dist.send(full.contiguous(), dst=0)
+    return None
 
 
 def _full_on_rank0(item, owner: int, params, g: _Groups, shapes, dtype) -> Optional[Tensor]:
@@ -158,7 +205,7 @@ def iter_hf_weights(model_chunks: Sequence[Any], spec: Any, topology: Any) -> It
     g = _Groups()
     if (g.tp, g.pp) != (topology.tp, topology.pp):
         raise ValueError(f"topology tp={topology.tp} pp={topology.pp} != parallel state tp={g.tp} pp={g.pp}")
-    params = local_params(model_chunks)
+    params = local_params(model_chunks, g.ep_rank)
     owners = layer_owner(spec.num_layers, topology.pp, topology.vpp)
     for name in params:
         if name.startswith("decoder.layers.") and owners[int(name.split(".")[2])][0] != g.pp_rank:
@@ -169,8 +216,15 @@ def iter_hf_weights(model_chunks: Sequence[Any], spec: Any, topology: Any) -> It
         shapes = mapping.megatron_shapes(spec, padded_vocab=emb.shape[0] * g.tp)
         dtype = emb.dtype
     index = mapping.conversion_index(spec)
+    moe = getattr(spec, "moe", None)
+    holders = g.expert_holders() if moe is not None else {}
+    per_rank = moe.num_experts // g.ep if moe is not None else 0
     for item in mapping.conversion_plan(spec):
-        full = _full_on_rank0(item, _owner_stage(item, owners, g.pp), params, g, shapes, dtype)
+        owner = _owner_stage(item, owners, g.pp)
+        if item.expert is None:
+            full = _full_on_rank0(item, owner, params, g, shapes, dtype)
+        else:
+            full = _expert_on_rank0(item, owner, params, g, holders, per_rank, shapes, dtype)
         if g.rank == 0:
             yield from mapping.megatron_to_hf(spec, item.megatron_name, full, index=index)
         else:

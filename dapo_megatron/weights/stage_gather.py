@@ -12,8 +12,12 @@ final norm and output layer on the last stage, each layer on its ``layer_owner``
 
 Collectives stay inside one stage's TP group, so the stages run concurrently and no tensor crosses
 between stages. Ranks other than a stage leader yield nothing but must still exhaust the iterator
-(the TP all-gathers). Peak extra memory on a leader: one full tensor plus its HF split. Not handled:
-expert parallelism (dense models only, as the gather-to-rank-0 path).
+(the TP all-gathers). Peak extra memory on a leader: one full tensor plus its HF split.
+
+Expert parallelism (MoE): a stage has one leader per EP rank (expert-TP rank 0, expert-DP rank 0).
+EP rank ``r``'s leader yields the routed experts that rank holds, gathered over its expert-TP group;
+EP rank 0's leader (the dense leader above) also yields every non-expert tensor. No expert crosses
+EP ranks, so the engines receive each expert once, from the rank that trains it.
 """
 
 from __future__ import annotations
@@ -29,18 +33,22 @@ from dapo_megatron.weights.reshard import _gather_tp, _Groups, _owner_stage, lay
 
 @dataclass(frozen=True)
 class StageRole:
-    """This rank's place in the per-stage sync: its pipeline stage, whether it leads the stage, and
-    the number of stages (``pp``)."""
+    """This rank's place in the per-stage sync: its pipeline stage, whether it leads (sends for) the
+    stage's EP rank ``ep_rank``, the number of stages (``pp``) and of EP ranks (``ep``). With
+    ``ep == 1`` a stage has exactly one leader."""
 
     stage: int
     leader: bool
     pp: int
+    ep_rank: int = 0
+    ep: int = 1
 
 
 def stage_role() -> StageRole:
     """Read from megatron's initialised parallel state."""
     g = _Groups()
-    return StageRole(stage=g.pp_rank, leader=g.tp_rank == 0 and g.dp_rank == 0, pp=g.pp)
+    leader = g.tp_rank == 0 and g.edp_rank == 0 and g.etp_rank == 0
+    return StageRole(stage=g.pp_rank, leader=leader, pp=g.pp, ep_rank=g.ep_rank, ep=g.ep)
 
 
 def stage_items(spec: Any, pp: int, vpp: int, stage: int) -> List[mapping.ConvItem]:
@@ -55,13 +63,18 @@ def iter_stage_hf_weights(model_chunks: Sequence[Any], spec: Any, topology: Any)
     g = _Groups()
     if (g.tp, g.pp) != (topology.tp, topology.pp):
         raise ValueError(f"topology tp={topology.tp} pp={topology.pp} != parallel state tp={g.tp} pp={g.pp}")
-    if g.dp_rank != 0:
-        return  # a DP replica: the DP-rank-0 copy of this stage is the one sent
-    params = local_params(model_chunks)
+    if g.edp_rank != 0:
+        return  # a DP replica of this rank's experts (and of everything else): another copy is sent
+    moe = getattr(spec, "moe", None)
+    per_rank = moe.num_experts // g.ep if moe is not None else 0
+    params = local_params(model_chunks, g.ep_rank)
     index = mapping.conversion_index(spec)
     for item in stage_items(spec, topology.pp, topology.vpp, g.pp_rank):
+        mine = g.dp_rank == 0 if item.expert is None else item.expert // per_rank == g.ep_rank
+        if not mine:
+            continue
         if item.megatron_name not in params:
             raise RuntimeError(f"{item.megatron_name} is not on pp rank {g.pp_rank}, where the uniform split puts it")
         full = _gather_tp(item.megatron_name, params[item.megatron_name], g)
-        if g.tp_rank == 0:
+        if (g.tp_rank if item.expert is None else g.etp_rank) == 0:
             yield from mapping.megatron_to_hf(spec, item.megatron_name, full, index=index)
