@@ -94,8 +94,9 @@ def load_hf_into(chunks, spec, hf_dir: str) -> None:
 def layouts_case(rank: int, world_size: int, jobs: list, tokens: torch.Tensor) -> bytes:
     """For each job ``(hf_dir, [(tp, pp, ep), ...])`` and each layout: build, load ``hf_dir`` by the
     mapping, then the logits, the rank-0 gather (``iter_hf_weights``) and this rank's per-stage
-    gather (``iter_stage_hf_weights``). The forward runs in training mode, except at TP > 1 (megatron refuses MoE + TP without sequence
-    parallelism in training, which needs Transformer Engine): there in eval mode."""
+    gather (``iter_stage_hf_weights``). The forward runs in training mode, except at TP > 1
+    (megatron refuses MoE + TP without sequence parallelism in training, which needs Transformer
+    Engine): there in eval mode."""
     from dapo_megatron.parallel.init import init_distributed, shutdown
 
     init_distributed()
