@@ -178,7 +178,7 @@ def run_side(name: str, cmd: List[str], metrics: str, out: str, args: argparse.N
     t0, peak, cpu_s = run_measured(cmd, os.path.join(out, f"{name}.log"), env=env, interval=args.pss_interval,
                                    record=os.path.join(out, f"{name}.start.json"))  # fmt: skip
     summary = summarize(read_lines(metrics), t0=t0, threshold=args.threshold, checkpoints=args.checkpoints)
-    summary["peak_pss"], summary["cpu_s"] = peak, cpu_s
+    summary["peak_pss"], summary["cpu_s"], summary["t0"] = peak, cpu_s, t0
     print(f"[vs_trl] {name}: {summary['steps']} steps in {summary['total_s']:.1f} s, "
           f"held-out {summary['acc_first']:.3f} -> {summary['acc_last']:.3f}", flush=True)  # fmt: skip
     return summary
@@ -245,11 +245,20 @@ def report_only(args: argparse.Namespace) -> int:
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             done = json.load(f)
-    logs = {
-        "ours": os.path.join(args.out, "ours", "metrics.jsonl"),
-        "trl": os.path.join(args.out, "trl", "metrics.jsonl"),
-    }
-    results = {k: done[k] if k in done else partial_summary(k, logs[k], args.out, args) for k in logs}
+    results = {}
+    for side in ("ours", "trl"):
+        metrics = os.path.join(args.out, side, "metrics.jsonl")
+        if side not in done:
+            results[side] = partial_summary(side, metrics, args.out, args)
+            continue
+        results[side] = finished = done[side]
+        if os.path.isfile(metrics):  # recomputed, so that --checkpoints and --threshold apply
+            lines = read_lines(metrics)
+            t0 = finished.get("t0", max(r["wall_time"] for r in lines) - finished["total_s"])
+            results[side] = {
+                **finished,
+                **summarize(lines, t0=t0, threshold=args.threshold, checkpoints=args.checkpoints),
+            }
     info = done.get("machine") or {**machine(), "load_before": os.getloadavg(), "load_after": os.getloadavg()}
     return print_table(results, info, args)
 

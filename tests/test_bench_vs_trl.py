@@ -172,8 +172,10 @@ def test_report_only_mixes_a_finished_side_and_one_stopped_early(tmp_path, capsy
     with open(record) as f, open(record + ".pss") as g:
         assert json.load(f)["t0"] > 0 and int(g.read()) > 0
 
-    trl = report.summarize(_lines(True), t0=T0, threshold=0.9, checkpoints=[2, 4])
+    trl = report.summarize(_lines(True), t0=T0, threshold=0.9, checkpoints=[4])  # step 2 is recomputed below
     trl.update(peak_pss=2**30, cpu_s=10.0)
+    (tmp_path / "trl").mkdir()
+    (tmp_path / "trl" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _lines(True)))
     machine = {"cpu": "test cpu", "cores": 2, "commit": "abc", "load_before": [1.0], "load_after": [2.0]}
     (tmp_path / "summary.json").write_text(json.dumps({"trl": trl, "machine": machine}))
     (tmp_path / "ours").mkdir()
@@ -188,4 +190,5 @@ def test_report_only_mixes_a_finished_side_and_one_stopped_early(tmp_path, capsy
     assert rows["peak PSS GiB (whole process tree)"] == ["3.00", "1.00", "3.00"]
     assert rows["CPU s, whole run (user+sys, process tree)"] == ["n/a", "10.0", "n/a"]
     assert rows["wall time to held-out >= threshold"][1] == "24.0 s (step 4)"
+    assert rows["held-out acc @ 0 / 2 / 4"] == ["0.500 / 0.700 / n/a", "0.500 / 0.700 / 0.920", ""]
     assert "stopped early (figures so far): ours" in text and "load average 1.00 before, 2.00 after" in text
