@@ -44,7 +44,7 @@ from typing import Any, Dict, List
 import torch
 
 from dapo_megatron.errors import InputError, report_input_errors
-from dapo_megatron.weights import mapping
+from dapo_megatron.weights import dist_layout, mapping
 from dapo_megatron.weights.hf_io import HFReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,6 +84,7 @@ def load_and_validate(hf_dir: str) -> tuple[HFReader, Any]:
     try:
         spec = model_spec_from_hf(reader.config)
         mapping.check_spec(spec)
+        dist_layout.check_layout_supported(spec)
     except (ValueError, KeyError) as e:
         raise ConversionError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
     expected = mapping.hf_shapes(spec)

@@ -205,6 +205,7 @@ def export(ckpt: str, hf_dir: str, out: str, dtype: str | None = None, *, max_sh
     try:
         spec = model_spec_from_hf(config)
         mapping.check_spec(spec)
+        dist_layout.check_layout_supported(spec)
     except (ValueError, KeyError) as e:
         raise ExportError(f"{src / 'config.json'}: {e}") from None
     _verify(ckpt)
