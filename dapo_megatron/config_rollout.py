@@ -69,6 +69,11 @@ class RolloutConfig:
             its own (:mod:`dapo_megatron.rollout.embedded_worker`) instead of the trainer's, so its
             decoding does not compete with the trainer for the GIL; weights reach it through shared
             memory. Off by default for now.
+        embedded_batch_rows: ``engine=embedded`` only: the rows (KV-cache slots) of the engine's
+            decode batch. Every decode step runs all of them, busy or not (that fixed shape makes a
+            request's samples bitwise independent of what else is in flight), so it should match the
+            rows actually in flight. 0 (default): ``min(max_concurrency, gen_prompts_per_round) *
+            n_samples_per_prompt``, a whole round in one wave.
     """
 
     engine: str = "embedded"
@@ -100,6 +105,7 @@ class RolloutConfig:
     max_staleness: int = 0
     async_interleave: str = "overlap"
     embedded_process: bool = False
+    embedded_batch_rows: int = 0
 
     def __post_init__(self) -> None:
         _choice(self.engine, "rollout.engine", ("embedded", "sglang", "vllm"))
@@ -129,3 +135,4 @@ class RolloutConfig:
         _check(0 < self.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
         _check(self.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0: synchronous)")
         _choice(self.async_interleave, "rollout.async_interleave", ("overlap", "fixed"))
+        _check(self.embedded_batch_rows >= 0, "rollout.embedded_batch_rows", "must be >= 0 (0: automatic)")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from dapo_megatron.config import Config
 
@@ -53,7 +53,7 @@ def build_engines(cfg: Config, run_dir: str) -> List[Any]:
         hf = read_hf_config(cfg.model.hf_path)
         if cfg.rollout.embedded_process:
             return _embedded_workers(cfg, hf, run_dir)
-        return [EmbeddedEngine(hf, seed=cfg.rollout.seed + i) for i in range(n)]
+        return [EmbeddedEngine(hf, seed=cfg.rollout.seed + i, **embedded_shape(cfg)) for i in range(n)]
     if kind == "vllm":
         from dapo_megatron.rollout.vllm import VLLMEngine
 
@@ -73,6 +73,16 @@ def build_engines(cfg: Config, run_dir: str) -> List[Any]:
     raise ValueError(f"rollout.engine={kind!r}: expected embedded, vllm or sglang")
 
 
+def embedded_shape(cfg: Config) -> Dict[str, int]:
+    """The embedded engine's decode batch: ``max_batch_rows`` (``rollout.embedded_batch_rows``, or a
+    whole generation round) and ``max_seq_len``, the longest prompt plus the longest response of
+    training or evaluation (the cache width every step attends over: no wider than needed)."""
+    r = cfg.rollout
+    rows = r.embedded_batch_rows or min(r.max_concurrency, r.gen_prompts_per_round) * r.n_samples_per_prompt
+    return {"max_batch_rows": rows,
+            "max_seq_len": r.max_prompt_len + max(r.max_response_len, cfg.eval.max_response_len)}  # fmt: skip
+
+
 def _embedded_workers(cfg: Config, hf: dict, run_dir: str) -> List[Any]:
     """``rollout.num_engines`` embedded engines, each in a worker process of its own, started
     together (each spends most of its start-up importing torch and transformers); their logs go to
@@ -87,7 +97,8 @@ def _embedded_workers(cfg: Config, hf: dict, run_dir: str) -> List[Any]:
     def start(i: int) -> Any:
         log = os.path.join(logs, f"embedded_worker{i}.log")
         timeout = cfg.rollout.server_start_timeout_s
-        return EmbeddedWorkerEngine.start(hf, seed=cfg.rollout.seed + i, start_timeout_s=timeout, log_path=log)
+        return EmbeddedWorkerEngine.start(hf, seed=cfg.rollout.seed + i, start_timeout_s=timeout, log_path=log,
+                                          engine_kwargs=embedded_shape(cfg))  # fmt: skip
 
     n = cfg.rollout.num_engines
     with ThreadPoolExecutor(max_workers=n) as pool:

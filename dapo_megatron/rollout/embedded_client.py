@@ -83,19 +83,21 @@ class EmbeddedWorkerEngine:
         seed: int = 0,
         device: str = "cpu",
         pretrained: Optional[str] = None,
+        engine_kwargs: Optional[Dict[str, Any]] = None,
         log_path: Optional[str] = None,
         start_timeout_s: float = 300.0,
         control_timeout_s: float = 600.0,
     ) -> EmbeddedWorkerEngine:
         """Start the worker and build its engine (``EmbeddedEngine(hf_config, dtype=, seed=, device=)``,
-        or ``EmbeddedEngine.from_pretrained(pretrained, ...)``). ``hf_config``: a dict with
+        or ``EmbeddedEngine.from_pretrained(pretrained, ...)``), with ``engine_kwargs`` (e.g.
+        ``max_batch_rows``, ``max_seq_len``) passed on. ``hf_config``: a dict with
         ``model_type``, a ``PretrainedConfig`` or a path. The worker's output goes to ``log_path``
         (appended), else to this process's stderr. Raises ``EngineError`` if the engine cannot be
         built or the worker is not ready within ``start_timeout_s``."""
         if hasattr(hf_config, "to_dict"):
             hf_config = hf_config.to_dict()
         spec = dict(hf_config=hf_config, dtype=str(dtype).removeprefix("torch."), seed=int(seed), device=device,
-                    pretrained=pretrained)  # fmt: skip
+                    pretrained=pretrained, engine_kwargs=dict(engine_kwargs or {}))  # fmt: skip
         ours, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "dapo_megatron.rollout.embedded_worker", "--fd", str(theirs.fileno())]
         with open(log_path, "a") if log_path else contextlib.nullcontext() as log:

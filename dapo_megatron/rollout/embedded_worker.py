@@ -44,8 +44,10 @@ def _build_engine(spec: Dict[str, Any]) -> Any:
 
     dtype = getattr(torch, spec["dtype"])
     if spec.get("pretrained"):
-        return EmbeddedEngine.from_pretrained(spec["pretrained"], dtype=dtype, seed=spec["seed"], device=spec["device"])
-    return EmbeddedEngine(spec["hf_config"], dtype=dtype, seed=spec["seed"], device=spec["device"])
+        return EmbeddedEngine.from_pretrained(spec["pretrained"], dtype=dtype, seed=spec["seed"], device=spec["device"],
+                                              **spec.get("engine_kwargs", {}))  # fmt: skip
+    return EmbeddedEngine(spec["hf_config"], dtype=dtype, seed=spec["seed"], device=spec["device"],
+                          **spec.get("engine_kwargs", {}))  # fmt: skip
 
 
 class _Worker:
