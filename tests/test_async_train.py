@@ -44,7 +44,7 @@ def test_overlapped_producer_stays_within_the_bound_and_continues_partials(asset
         assert r["staleness/max"] <= 1
         assert r["staleness/count_0"] + r["staleness/count_1"] == r["actor/num_tokens"]
         assert r["async/head_start_tokens"] > 0  # generation ran while the actor trained
-        assert "actor/tis/weight_mean" in r and "actor/tis/capped_frac" in r  # the correction ran and is logged
+        assert "tis/weight_mean" in r and "tis/capped_frac" in r  # the correction ran and is logged
     assert records[0]["staleness/max"] == 0  # step 1 has nothing ahead: on-policy
     # the head start's groups were continued, and their old tokens trained at the next step
     assert all(r["async/continued_groups"] > 0 and r["staleness/count_1"] > 0 for r in records[1:])

@@ -170,7 +170,9 @@ def check_weights_arrived(s: TrainingSession, stats: Dict[str, float]) -> None:
 
 
 def train_actor(s: TrainingSession, batch: StepShard) -> Dict[str, float]:
-    out = metrics_of("actor", s.actor.train_step(batch, temperature=s.cfg.rollout.temperature))
+    m = s.actor.train_step(batch, temperature=s.cfg.rollout.temperature)
+    out = metrics_of("actor", m, keys=lambda k: not k.startswith("tis/"))
+    out.update({k: v for k, v in m.items() if k.startswith("tis/")})  # the off-policy IS metrics keep their own prefix
     out["actor/tokens_per_s"] = out["actor/num_tokens"] / max(out["actor/time_total_s"], 1e-9)
     return out
 
@@ -251,8 +253,8 @@ def _eval_rank0(s: TrainingSession) -> Dict[str, float]:
     r = s.cfg.rollout
     data, ids = s.eval_data
     return evaluate(s.engines, data, ids, reward_fn=s.reward_fn, decode=s.decode, params=eval_sampling(s.cfg.eval),
-                    seed=r.seed,
-                    concurrency=r.max_concurrency, timeout_s=r.request_timeout_s, run=s.run)  # fmt: skip
+                    seed=r.seed, concurrency=s.cfg.eval.max_concurrency or None,  # 0: the whole set at once
+                    timeout_s=r.request_timeout_s, run=s.run)  # fmt: skip
 
 
 def log_step(s: TrainingSession, step: int, stats: Dict[str, float]) -> Dict[str, float]:
