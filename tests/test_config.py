@@ -230,3 +230,12 @@ def test_paper_recipes_resolve_with_the_paper_hyper_parameters(monkeypatch, reci
     assert (cfg.rollout.prompts_per_step, cfg.rollout.n_samples_per_prompt) == (512, 16)
     assert cfg.rollout.max_response_len == 20480 and cfg.algo.overlong_buffer.len == 4096
     assert cfg.optim.lr == 1e-6 and cfg.rollout.prompts_per_step // cfg.train.ppo_mini_batch_size == 16
+
+
+def test_routing_replay_rollout_is_refused_until_an_engine_returns_routes():
+    from dapo_megatron.config import AlgoConfig
+
+    with pytest.raises(ConfigError, match="algo.routing_replay.*none does yet"):
+        AlgoConfig(routing_replay="rollout")
+    with pytest.raises(ConfigError, match="allowed values"):
+        AlgoConfig(routing_replay="engine")
