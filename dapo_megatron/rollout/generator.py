@@ -39,8 +39,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 
 from dapo_megatron.algo.dynamic_sampling import GroupAccumulator
 from dapo_megatron.algo.overlong import overlong_penalty
-from dapo_megatron.rollout.base import Completion, EngineError, RolloutEngine, SamplingParams
-from dapo_megatron.rollout.partial import PartialRollouts
+from dapo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from dapo_megatron.rollout.partial import FAILED, PartialRollouts
 from dapo_megatron.rollout.prompt_item import PromptItem, RolloutFailed, RoundStats
 from dapo_megatron.types import Group, Sample
 
@@ -210,22 +210,11 @@ class StreamingRollout(PartialRollouts):
         failed_on: set = set()
         errors: List[str] = []
         for attempt in range(self.max_retries + 1):
-            idx = await self._acquire(failed_on)
+            idx, completions = await self._attempt(item, self._params_for(gid, attempt), failed_on, errors)
             if idx is None:
                 return None
-            engine = self.engines[idx]
-            try:
-                completions = await asyncio.wait_for(
-                    self._start(engine, item, self._params_for(gid, attempt)), self.request_timeout_s
-                )
-            except (EngineError, asyncio.TimeoutError, OSError) as e:
-                errors.append(f"engine {idx}: {type(e).__name__}: {e}")
-                failed_on.add(idx)
-                await self._release(idx)
-                self.stats.retries += 1
-                await self._check_engine(idx, engine)  # EngineDeadError included: a restart may bring it back
+            if completions is FAILED:
                 continue
-            await self._release(idx)
             if completions is None or self._stopping:
                 return None  # not started, or finished/aborted after the batch was full: never offered
             if any(c.finish_reason == "abort" for c in completions):

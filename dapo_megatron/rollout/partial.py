@@ -25,6 +25,7 @@ from dapo_megatron.rollout.prompt_item import PromptItem, RolloutFailed, RoundSt
 from dapo_megatron.types import Group, Sample
 
 GID = "group_id"  # metadata key of a group's id (seeds derive from it)
+FAILED = object()  # PartialRollouts._attempt: the engine failed this try (recorded; retry elsewhere)
 
 
 def versions_of(c: Completion) -> List[int]:
@@ -108,27 +109,38 @@ class PartialRollouts:
     _stopping: bool
     _segment_cap: Optional[int]
 
+    async def _attempt(self, item: PromptItem, params: SamplingParams, failed_on: set, errors: List[str]) -> Any:
+        """One try of a request on the least-loaded engine it has not failed on. Returns
+        ``(idx, completions)`` (``completions`` None when the run stopped before it started),
+        ``(idx, FAILED)`` after an engine error (recorded in ``errors``, the engine health-checked), or
+        ``(None, None)`` when no engine slot will be given any more."""
+        idx = await self._acquire(failed_on)
+        if idx is None:
+            return None, None
+        engine = self.engines[idx]
+        try:
+            out = await asyncio.wait_for(self._start(engine, item, params), self.request_timeout_s)
+        except (EngineError, asyncio.TimeoutError, OSError) as e:
+            errors.append(f"engine {idx}: {type(e).__name__}: {e}")
+            failed_on.add(idx)
+            await self._release(idx)
+            self.stats.retries += 1
+            await self._check_engine(idx, engine)  # EngineDeadError included: a restart may bring it back
+            return idx, FAILED
+        await self._release(idx)
+        return idx, out
+
     async def _request(self, item: PromptItem, params_of: Callable[[int], SamplingParams]) -> Optional[list]:
         """One request retried across engines (``params_of(attempt)``); None once the run is stopping.
         Aborted completions are returned as they are: the caller continues them."""
         failed_on: set = set()
         errors: List[str] = []
         for attempt in range(self.max_retries + 1):
-            idx = await self._acquire(failed_on)
+            idx, out = await self._attempt(item, params_of(attempt), failed_on, errors)
             if idx is None:
                 return None
-            engine = self.engines[idx]
-            try:
-                out = await asyncio.wait_for(self._start(engine, item, params_of(attempt)), self.request_timeout_s)
-            except (EngineError, asyncio.TimeoutError, OSError) as e:
-                errors.append(f"engine {idx}: {type(e).__name__}: {e}")
-                failed_on.add(idx)
-                await self._release(idx)
-                self.stats.retries += 1
-                await self._check_engine(idx, engine)
-                continue
-            await self._release(idx)
-            return out
+            if out is not FAILED:
+                return out
         raise RolloutFailed(f"prompt {item.prompt_index} failed {self.max_retries + 1} times: " + "; ".join(errors))
 
     def _budget(self, done: int) -> int:
