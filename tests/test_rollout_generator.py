@@ -146,6 +146,11 @@ def test_surplus_in_flight_is_aborted_and_not_counted():
     assert [g.prompt_index for g in groups] == [0, 1]
     assert eng.aborts == 1
     assert m["ds/generated_groups"] == 2 and m["rollout/aborted_groups"] == 2
+    # each aborted group came back with N one-token samples: the work the stop threw away is counted
+    assert m["rollout/aborted_tokens"] == 2 * N
+    assert m["rollout/aborted_token_frac"] == pytest.approx(
+        2 * N / (2 * N + m["rollout/tokens_per_s"] * m["rollout/generate_time_s"])
+    )
     assert r.carry == []
 
 

@@ -216,6 +216,8 @@ class StreamingRollout(PartialRollouts):
             if completions is FAILED:
                 continue
             if completions is None or self._stopping:
+                if completions is not None:  # generated for nothing: the throughput the stop threw away
+                    self.stats.aborted_tokens += sum(len(c.token_ids) for c in completions)
                 return None  # not started, or finished/aborted after the batch was full: never offered
             if any(c.finish_reason == "abort" for c in completions):
                 errors.append(f"engine {idx}: aborted")  # not ours (the step is running): retry
@@ -380,6 +382,9 @@ class StreamingRollout(PartialRollouts):
             "rollout/truncation_rate": sum(truncated) / len(truncated) if truncated else 0.0,
             "rollout/retries": float(self.stats.retries),
             "rollout/aborted_groups": float(self.stats.late_discarded),
+            "rollout/aborted_tokens": float(self.stats.aborted_tokens),
+            "rollout/aborted_token_frac": self.stats.aborted_tokens
+            / max(1, self.stats.aborted_tokens + self.stats.tokens),
             "rollout/healthy_engines": float(sum(self.healthy)),
         }
 

@@ -28,5 +28,6 @@ class RoundStats:
     tokens: int = 0
     retries: int = 0
     late_discarded: int = 0
+    aborted_tokens: int = 0  # tokens the engines had generated for requests cut once the batch was full
     offered: int = 0  # groups generated in this step and offered (carried ones excluded)
     kept: int = 0  # of those, the ones the accumulator kept: kept / offered is the keep rate
