@@ -34,7 +34,7 @@ def test_refused_combinations_name_their_keys():
         assert "rollout.max_staleness=2" in str(e.value)
 
 
-def test_overlapped_producer_stays_within_the_bound_and_continues_partials(assets, tmp_path):
+def test_overlapped_producer_stays_within_the_bound_and_trains_its_head_start(assets, tmp_path):
     run = tmp_path / "run"
     run_cli(assets, "train", "--config", TINY, f"run.dir={run}", "train.total_steps=3", *ASYNC)
     records = read_metrics(str(run))
@@ -46,8 +46,11 @@ def test_overlapped_producer_stays_within_the_bound_and_continues_partials(asset
         assert r["async/head_start_tokens"] > 0  # generation ran while the actor trained
         assert "tis/weight_mean" in r and "tis/capped_frac" in r  # the correction ran and is logged
     assert records[0]["staleness/max"] == 0  # step 1 has nothing ahead: on-policy
-    # the head start's groups were continued, and their old tokens trained at the next step
-    assert all(r["async/continued_groups"] > 0 and r["staleness/count_1"] > 0 for r in records[1:])
+    # the head start's tokens (drawn by the previous weights) trained at the next step. Whether its
+    # groups were still in flight at the sync, and so continued as partials, depends on how fast the
+    # machine is (on an idle one they may all finish first): the fixed-interleave resume test below
+    # pins continuation down.
+    assert all(r["staleness/count_1"] > 0 for r in records[1:])
 
 
 def test_sigkill_mid_async_step_resumes_partials_bitwise(assets, tmp_path):
