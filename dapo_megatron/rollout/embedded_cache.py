@@ -21,7 +21,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 
 class SlotLayer(CacheLayerMixin):
-    """One layer's keys/values ``[slots, kv_heads, width, head_dim]``, written in place."""
+    """One layer's keys/values ``[slots, kv_heads, width, head_dim]``, written in place.
+
+    ``lazy_initialization``, ``update`` and the ``get_*`` methods are transformers'
+    ``CacheLayerMixin`` protocol: the model's attention layers call them, not this project."""
 
     def __init__(self, slots: int, kv_heads: int, width: int, head_dim: int, dtype: torch.dtype, device: str):
         super().__init__()
