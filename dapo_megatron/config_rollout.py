@@ -28,6 +28,11 @@ class RolloutConfig:
         request_timeout_s: a request taking longer fails and is retried on another engine.
         max_retries: retries of a failed request before the step fails.
         keep_surplus: keep completed surplus groups for the next step instead of discarding them.
+        offer_order: how finished groups reach dynamic sampling. ``submission`` (default): in the
+            order they were submitted, a group waiting for every earlier one; a step's batch does not
+            depend on the engines' timing (reproducible runs and resumes) and is not biased towards
+            short responses. ``completion``: as they finish; the batch fills sooner when response
+            lengths have a long tail, at the price of both.
         seed: base seed of sampling.
         router_port / engine_base_port: ports of sglang-router and the first engine server.
         mem_fraction_static: SGLang's static memory fraction per engine.
@@ -102,6 +107,7 @@ class RolloutConfig:
     server_start_timeout_s: float = 900.0
     weight_check_max_gap: float = 0.05
     offload_trainer: bool = False
+    offer_order: str = "submission"
     max_staleness: int = 0
     async_interleave: str = "overlap"
     embedded_process: bool = False
@@ -135,4 +141,5 @@ class RolloutConfig:
         _check(0 < self.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
         _check(self.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0: synchronous)")
         _choice(self.async_interleave, "rollout.async_interleave", ("overlap", "fixed"))
+        _choice(self.offer_order, "rollout.offer_order", ("submission", "completion"))
         _check(self.embedded_batch_rows >= 0, "rollout.embedded_batch_rows", "must be >= 0 (0: automatic)")

@@ -54,7 +54,8 @@ def test_overlapped_producer_stays_within_the_bound_and_trains_its_head_start(as
 
 
 def test_sigkill_mid_async_step_resumes_partials_bitwise(assets, tmp_path):
-    steps = ["train.total_steps=4", "rollout.async_interleave=fixed", *ASYNC]
+    # groups decode concurrently (completion order is timing); they are offered in submission order
+    steps = ["train.total_steps=4", "rollout.async_interleave=fixed", "rollout.max_concurrency=4", *ASYNC]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_cli(assets, "train", "--config", TINY, f"run.dir={straight}", *steps)
     args = ["train", "--config", TINY, f"run.dir={killed}", *steps]

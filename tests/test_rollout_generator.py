@@ -18,7 +18,8 @@ LATE_S = 0.3  # long enough for every fast group of a round to be scored and off
 
 class FakeEngine:
     """Scripted engine. The prompt's first token picks the script: ``kind[p]`` is "mixed" (2 right,
-    2 wrong), "right", "wrong", "late" (wrong, after LATE_S), or "slow" (blocks until aborted). Token 1
+    2 wrong), "right", "wrong", "late" (wrong, after LATE_S), "late_mixed" (mixed, after LATE_S) or "slow" (blocks
+    until aborted). Token 1
     decodes to the right answer."""
 
     def __init__(self, kinds, *, fail_times=0, dead=False, delay=0.0):
@@ -42,8 +43,9 @@ class FakeEngine:
             self._abort = self._abort or asyncio.Event()
             await self._abort.wait()
             return [Completion([7], [-1.0], "abort", self.version) for _ in range(params.n)]
-        await asyncio.sleep(LATE_S if kind == "late" else self.delay)
-        right = {"mixed": [1, 1, 2, 2], "right": [1] * N, "wrong": [2] * N, "late": [2] * N}[kind]
+        await asyncio.sleep(LATE_S if kind.startswith("late") else self.delay)
+        right = {"mixed": [1, 1, 2, 2], "late_mixed": [1, 1, 2, 2], "right": [1] * N, "wrong": [2] * N,
+                 "late": [2] * N}[kind]  # fmt: skip
         lengths = [3, 8, 10, 12]  # 12 hits max_new_tokens -> "length"
         return [
             Completion(
@@ -311,16 +313,29 @@ def test_no_request_starts_after_abort(max_concurrency):
     [
         # 3 of 10 kept, none in flight: need = ceil(1 / 0.3) = 4, +25% -> 5
         ({**{i: "mixed" for i in range(3)}, **{i: "late" for i in range(3, 10)}}, 4, 10, 5),
-        # 6 of 11 kept, 1 in flight (slow) counted at that rate: need = ceil(2 * 11 / 6) - 1 = 3, +25% -> 4
+        # 6 of 11 kept, 1 in flight (slow) counted at that rate: need = ceil(2 * 11 / 6) - 1 = 3, +25% -> 4.
+        # (In completion order: in submission order the slow group would hold back the refill's.)
         ({**{i: "mixed" for i in range(6)}, **{i: "late" for i in range(6, 11)}, 11: "slow"}, 8, 12, 4),
     ],
 )
 def test_refill_round_is_sized_from_the_keep_rate(kinds, target, per_round, refill):
     kinds = {**kinds, **{i: "mixed" for i in range(per_round, per_round + 20)}}
     src = Source()
-    groups, m = run(rollout([FakeEngine(kinds)], target_groups=target, gen_prompts_per_round=per_round), src)
+    order = "completion" if "slow" in kinds.values() else "submission"
+    r = rollout([FakeEngine(kinds)], target_groups=target, gen_prompts_per_round=per_round, offer_order=order)
+    groups, m = run(r, src)
     assert src.requests == [per_round, refill] and refill < per_round
     assert len(groups) == target and m["ds/rounds"] == 2
+
+
+@pytest.mark.parametrize("order, batch", [("submission", [0, 1]), ("completion", [1, 2])])
+def test_offer_order_decides_which_groups_fill_the_batch(order, batch):
+    # Group 0 is informative but finishes last. Submission order waits for it (the batch does not
+    # depend on timing, nor favour short responses); completion order fills with the two fast ones.
+    kinds = {0: "late_mixed", 1: "mixed", 2: "mixed"}
+    groups, m = run(rollout([FakeEngine(kinds)], target_groups=2, offer_order=order), Source())
+    assert [g.prompt_index for g in groups] == batch
+    assert m["rollout/aborted_groups"] == 1  # the third is the surplus either way
 
 
 def test_refill_with_nothing_kept_yet_submits_a_full_round():

@@ -177,7 +177,7 @@ class TrainingSession:
             filter_metric=a.filter_groups.metric, filter_enable=a.filter_groups.enable,
             max_num_gen_batches=a.filter_groups.max_num_gen_batches, on_exhausted=a.filter_groups.on_exhausted,
             max_concurrency=r.max_concurrency, request_timeout_s=r.request_timeout_s, max_retries=r.max_retries,
-            keep_surplus=r.keep_surplus, keep_partial=r.max_staleness > 0,
+            keep_surplus=r.keep_surplus, keep_partial=r.max_staleness > 0, offer_order=r.offer_order,
         )  # fmt: skip
         if r.max_staleness > 0:
             from dapo_megatron.rollout.producer import AsyncProducer

@@ -7,7 +7,8 @@ One step (``await StreamingRollout.run(prompt_source)``)::
         if kept + in_flight < target:      # even keeping every running group would not fill the batch
             acc.begin_round()              # counts against max_num_gen_batches (raises when exhausted)
             submit a round (first: gen_prompts_per_round; refill: see _round_size), one task per group
-        wait for any group -> score it (reward on decoded text + overlong penalty) -> acc.offer(group, acc values)
+        wait for the next group (rollout.offer_order: in submission order, or as they finish)
+            -> score it (reward on decoded text + overlong penalty) -> acc.offer(group, acc values)
     stop: no request starts any more; abort_all on every engine; await the running tasks (never offered)
     return acc.take(), metrics
 
@@ -40,7 +41,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 from dapo_megatron.algo.dynamic_sampling import GroupAccumulator
 from dapo_megatron.algo.overlong import overlong_penalty
 from dapo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
-from dapo_megatron.rollout.partial import FAILED, PartialRollouts
+from dapo_megatron.rollout.partial import FAILED, GID, PartialRollouts, group_id
 from dapo_megatron.rollout.prompt_item import PromptItem, RolloutFailed, RoundStats
 from dapo_megatron.types import Group, Sample
 
@@ -69,6 +70,8 @@ class StreamingRollout(PartialRollouts):
         restart_engine: optional ``async (index) -> RolloutEngine | None`` called for an unhealthy engine.
         keep_partial: partial rollouts (asynchronous DAPO, see the module docstring); implies keeping
             finished surplus groups.
+        offer_order: ``submission`` (groups are offered in the order they were submitted: a step is
+            reproducible and unbiased by response length) or ``completion`` (as they finish: fastest).
     """
 
     def __init__(
@@ -94,11 +97,14 @@ class StreamingRollout(PartialRollouts):
         keep_surplus: bool = False,
         restart_engine: Optional[Callable[[int], Awaitable[Optional[RolloutEngine]]]] = None,
         keep_partial: bool = False,
+        offer_order: str = "submission",
     ):
         if filter_metric not in ("acc", "score", "seq_reward"):
             raise ValueError(f"filter_metric must be acc, score or seq_reward, got {filter_metric!r}")
         if not engines:
             raise ValueError("StreamingRollout needs at least one engine")
+        if offer_order not in ("submission", "completion"):
+            raise ValueError(f"offer_order must be submission or completion, got {offer_order!r}")
         self.engines = list(engines)
         self.reward_fn, self.decode, self.sampling = reward_fn, tokenizer_decode, sampling
         self.max_response_len = max_response_len
@@ -113,7 +119,7 @@ class StreamingRollout(PartialRollouts):
         self._next_gid = 0
         self._stopping = False
         self._cond: Optional[asyncio.Condition] = None
-        self.keep_partial = keep_partial
+        self.keep_partial, self.offer_order = keep_partial, offer_order
         self.partials: List[Group] = []  # groups in progress (keep_partial), see rollout/partial.py
         self.min_version: Optional[int] = None  # staleness floor of carried and partial work (keep_partial)
         self.stale = {
@@ -223,7 +229,7 @@ class StreamingRollout(PartialRollouts):
                 errors.append(f"engine {idx}: aborted")  # not ours (the step is running): retry
                 self.stats.retries += 1
                 continue
-            return completions, {"group_id": gid, "engine": idx, "attempts": attempt + 1}
+            return completions, {GID: gid, "engine": idx, "attempts": attempt + 1}
         raise RolloutFailed(
             f"group {gid} (prompt {item.prompt_index}) failed {self.max_retries + 1} times: " + "; ".join(errors)
         )
@@ -305,18 +311,34 @@ class StreamingRollout(PartialRollouts):
             gid, self._next_gid = self._next_gid, self._next_gid + 1
             tasks[asyncio.ensure_future(self._run_group(item, gid))] = gid
 
+    def _next_offer(self, tasks: Dict[asyncio.Task, int]) -> Optional[asyncio.Task]:
+        """The finished task to offer next, None when it is still running.
+
+        ``submission`` order: the task of the lowest group id, once done. A group then waits for
+        every group submitted before it, so the batch (and the carry) is the same whatever the
+        engines' timing, and it is not biased towards short responses, which finish first.
+        ``completion`` order: any finished task (lowest id first), for the fastest fill. A failed
+        task is returned as soon as it is done either way: the step fails without waiting."""
+        done = [t for t in tasks if t.done()]
+        failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+        if failed:
+            return failed[0]
+        if self.offer_order == "completion":
+            return min(done, key=tasks.__getitem__, default=None)
+        head = min(tasks, key=tasks.__getitem__)
+        return head if head.done() else None
+
     async def run(self, prompt_source: Callable[[int], List[PromptItem]]) -> Tuple[List[Group], Dict[str, float]]:
         """One step: ``acc.target_groups`` groups (ds/* metrics explain how many were generated)."""
         self._cond, self._stopping, self.stats = asyncio.Condition(), False, RoundStats()
         self._check_locks = [asyncio.Lock() for _ in self.engines]
         start = time.monotonic()
         carried, self.carry = self.carry, []
-        for group in carried:  # surplus of the last step (keep_surplus) is offered first
+        for group in sorted(carried, key=group_id):  # surplus of the last step (keep_surplus) is offered first
             if not self._too_stale(group):
                 self.acc.offer(group, self.metric_values(group))
         tasks: Dict[asyncio.Task, int] = {}
         self._resubmit_partials(tasks)
-        accepted: set = set()
         rounds_left = True
         try:
             while not self.acc.is_full:
@@ -328,15 +350,17 @@ class StreamingRollout(PartialRollouts):
                         self._submit_round(prompt_source, tasks, self._round_size(len(tasks)))
                 if not tasks:
                     break
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                # Offer in submission order within one wake-up, so a run is reproducible.
-                for task in sorted(done, key=tasks.__getitem__):
-                    gid = tasks.pop(task)
-                    group = task.result()  # RolloutFailed propagates: the step cannot be completed
-                    if group is not None and gid not in accepted:
-                        accepted.add(gid)
-                        self.stats.offered += 1
-                        self.stats.kept += self.acc.offer(group, self.metric_values(group))
+                task = self._next_offer(tasks)
+                if task is None:
+                    await asyncio.wait([t for t in tasks if not t.done()], return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                # One offer per pass: the refill check above sees the same counts at the same point
+                # of the offer sequence whatever the timing, so round sizes are reproducible too.
+                tasks.pop(task)
+                group = task.result()  # RolloutFailed propagates: the step cannot be completed
+                if group is not None:
+                    self.stats.offered += 1
+                    self.stats.kept += self.acc.offer(group, self.metric_values(group))
         finally:
             await self._stop(tasks)
         # Completion order is a race between engines; the trainer sees prompt order so a step's

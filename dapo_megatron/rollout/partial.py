@@ -83,6 +83,11 @@ def from_group(group: Group) -> Tuple[dict, List[Optional[Completion]]]:
     return dict(group.metadata), parts
 
 
+def group_id(group: Group) -> int:
+    """The id the group was submitted under (seeds derive from it); its prompt index when it has none."""
+    return int(group.metadata.get(GID, group.prompt_index))
+
+
 def is_partial(group: Group) -> bool:
     """A group still in progress (some sample cut short), not yet scored."""
     return any(s.finish_reason == "abort" for s in group.samples)
@@ -184,13 +189,13 @@ class PartialRollouts:
                         self.stats.tokens += len(c.token_ids) - len(parts[i].token_ids if parts[i] else [])
                         parts[i] = c
             segments += 1
-        return parts, {"group_id": gid, "segments": segments}
+        return parts, {GID: gid, "segments": segments}
 
     def _resubmit_partials(self, tasks: Dict[asyncio.Task, int]) -> None:
         """Continue the groups in progress first; one whose oldest token is below ``min_version`` is
         re-generated from its prompt (a fresh group id, so fresh seeds)."""
         partials, self.partials = self.partials, []
-        for group in partials:
+        for group in sorted(partials, key=group_id):
             meta, parts = from_group(group)
             gid = int(meta.pop(GID))
             item = PromptItem(group.prompt_index, list(group.samples[0].prompt_ids), group.ground_truth, meta)
