@@ -2,15 +2,15 @@
 
 * ``embedded``: ``rollout.num_engines`` transformers engines (the CPU default), in this process, or
   each in a worker process of its own with ``rollout.embedded_process`` (weights then reach it through
-  shared memory inside its ``update_weights``, so :func:`connect_weight_transport` has nothing to join);
+  shared memory inside its ``update_weights``);
 * ``vllm``: in-process ``vllm.LLM`` engines on ``model.hf_path``;
 * ``sglang``: real SGLang servers. Under sbatch they were started by ``dapo-megatron engines`` from the
   saved placement plan (``<run.dir>/placement.json``) and are reached through the sglang-router; with
   no plan, trainer rank 0 starts ``rollout.num_engines`` servers on this machine itself
   (:class:`~dapo_megatron.rollout.sglang_server.LocalSGLangFleet`, behind a router when there are
   several) and stops them at the end. Weights travel by ``update_weights_from_tensor`` when colocated
-  and over a broadcast group (NCCL on GPU, gloo on CPU) when disaggregated
-  (:func:`connect_weight_transport`).
+  and over broadcast groups (NCCL on GPU, gloo on CPU) when disaggregated: one per pipeline stage
+  and server, opened by every stage leader (:mod:`dapo_megatron.controller.stage_link`).
 
 Whatever the kind, the trainer pushes its own weights before the first rollout, so an engine's
 initial weights never matter: SGLang servers start from dummy weights.
@@ -19,7 +19,6 @@ initial weights never matter: SGLang servers start from dummy weights.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any, Dict, List, Optional
 
@@ -171,22 +170,6 @@ def _local_sglang_fleet(cfg: Config, run_dir: str) -> Any:
     fleet.start(timeout_s=r.server_start_timeout_s)
     return SGLangEngine(fleet.base_url, worker_urls=fleet.worker_urls, engine_tp=r.engine_tensor_parallel,
                         api_key=opts.api_key, transport=_transport(cfg), owner=fleet)  # fmt: skip
-
-
-def connect_weight_transport(cfg: Config, engines: List[Any], run: Any) -> None:
-    """Trainer rank 0, after :func:`build_engines`: join the SGLang servers' weight-update group
-    (disaggregated mode). The group's address is this host as the engines reach it: loopback for a
-    local fleet, else ``MASTER_ADDR`` (rank 0's node under sbatch)."""
-    from dapo_megatron.rollout.process import free_port
-    from dapo_megatron.rollout.sglang import SGLangEngine
-
-    for engine in engines:
-        if not isinstance(engine, SGLangEngine) or engine.transport != "distributed":
-            continue
-        local = engine.owner is not None
-        address = "127.0.0.1" if local else os.environ.get("MASTER_ADDR") or socket.gethostname()
-        backend = "nccl" if sglang_device(cfg) == "cuda" else "gloo"
-        run(engine.init_weight_group(address, free_port("127.0.0.1" if local else ""), backend=backend))
 
 
 def _sglang_from_placement(cfg: Config, path: str, run_dir: str) -> Any:

@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from dapo_megatron.config import Config
-from dapo_megatron.controller.engines import build_engines, connect_weight_transport, read_hf_config, sglang_device
+from dapo_megatron.controller.engines import build_engines, read_hf_config, sglang_device
 from dapo_megatron.controller.prompts import SampledPrompts, load_prompts
 from dapo_megatron.controller.run_dir import RunLock, RunPaths, lock_run_dir, prepare_run_dir
 from dapo_megatron.rollout.base import SamplingParams
@@ -166,7 +166,6 @@ class TrainingSession:
                                         "folder of a run trained with run.dump_rollouts=true")  # fmt: skip
             return
         self.engines = build_engines(cfg, self.paths.root)
-        connect_weight_transport(cfg, self.engines, self.run)
         sampling = SamplingParams(n=r.n_samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                   max_new_tokens=r.max_response_len, seed=r.seed)  # fmt: skip
         self.rollout = StreamingRollout(

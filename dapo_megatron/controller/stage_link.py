@@ -7,7 +7,9 @@ leader (pp stage ``s``, TP rank 0, DP rank 0; rank 0 leads stage 0) then opens i
 
 * ``distributed`` transport (disaggregated): one ``update_weights_from_distributed`` group per
   (stage, server), named ``dapo_pp<s>_w<i>``, with the leader as group rank 0 and the server's TP ranks
-  after it. Why one per server and not one per stage spanning every server: SGLang 0.5.23 serves one
+  after it; the servers dial the leader at its address on the route to them (:func:`address_towards`).
+  These are the only update groups of a run: rank 0 joins none of its own (it leads stage 0).
+  Why one per server and not one per stage spanning every server: SGLang 0.5.23 serves one
   weight request at a time per server (the tokenizer holds its pause lock across the call, the
   scheduler is single-threaded), so two servers may serve two stages' buckets in opposite orders; a
   broadcast spanning both servers would then wait on each other forever. With a group per server a
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -75,6 +78,24 @@ def _describe(engines: List[Any], backend: str) -> Dict[str, Any]:
             "host": socket.gethostname()}  # fmt: skip
 
 
+def address_towards(url: str) -> str:
+    """This machine's IP address on the route to ``url``'s host: the address the server dials back.
+
+    Why not the hostname: on a cluster node it often resolves to a loopback alias (127.0.1.1) or to a
+    management interface the servers cannot reach, while the route the OS picks to the server's host
+    is, by construction, an interface that reaches it. A UDP ``connect`` sends nothing; it only asks
+    the kernel for that route."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"weight sync: cannot read a host from the server URL {url!r}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((parts.hostname, parts.port or 80))
+        except OSError as e:
+            raise RuntimeError(f"weight sync: no route from {socket.gethostname()} to the server {url}: {e}") from e
+        return str(s.getsockname()[0])
+
+
 def _share(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (one small object over the default group, at start-up only)."""
     box = [obj if dist.get_rank() == 0 else None]
@@ -118,13 +139,11 @@ def _open_leader(link: StageLink, info: Dict[str, Any], stage: int, timeout_s: f
     ]
     if info["transport"] != "distributed":
         return
-    # The address the servers dial: loopback for a fleet on this machine, else this leader's host.
     bind = "127.0.0.1" if info["local"] else ""
-    address = "127.0.0.1" if info["local"] else socket.gethostname()
-    for i, engine in enumerate(link.engines):
+    for i, (url, engine) in enumerate(zip(info["workers"], link.engines)):
         link.loop.run_until_complete(
             engine.init_weight_group(
-                address,
+                "127.0.0.1" if info["local"] else address_towards(url),
                 free_port(bind),
                 backend=info["backend"],
                 group_name=f"dapo_pp{stage}_w{i}",
