@@ -16,6 +16,11 @@ from torch import Tensor
 Versions = Union[Tensor, Sequence[int]]
 
 
+def count_key(staleness: int, prefix: str = "staleness") -> str:
+    """Metric key of the count of items ``staleness`` versions old: ``<prefix>/count_<staleness>``."""
+    return f"{prefix}/count_{staleness}"
+
+
 @dataclass(frozen=True)
 class StalenessHistogram:
     """``counts[s]``: items of staleness ``s`` for ``s`` in ``0..K``; ``oldest``: the largest
@@ -28,7 +33,7 @@ class StalenessHistogram:
     def metrics(self, prefix: str = "staleness") -> Dict[str, float]:
         """``<prefix>/count_<s>`` per staleness, ``<prefix>/max`` (the oldest) and ``<prefix>/mean``
         (0 with no items): summable counts plus two summaries, as floats for a metrics sink."""
-        out = {f"{prefix}/count_{s}": float(n) for s, n in enumerate(self.counts)}
+        out = {count_key(s, prefix): float(n) for s, n in enumerate(self.counts)}
         mean = sum(s * n for s, n in enumerate(self.counts)) / self.total if self.total else 0.0
         return {**out, f"{prefix}/max": float(self.oldest), f"{prefix}/mean": mean}
 

@@ -7,6 +7,9 @@ metric breaks loudly in one place instead of silently vanishing from a chart.
 
 from __future__ import annotations
 
+from dapo_megatron.algo.offpolicy import hist_key
+from dapo_megatron.algo.staleness import count_key
+
 # Rewards (per step, over every response of the step's training batch).
 REWARD_MEAN = "reward/mean"  # mean shaped sequence reward
 REWARD_ACC = "reward/acc"  # fraction of responses judged correct
@@ -41,7 +44,7 @@ TIS_KEYS = (TIS_WEIGHT_MEAN, TIS_WEIGHT_MAX, TIS_WEIGHT_MIN, TIS_CAPPED_FRAC, TI
 def tis_hist_key(lo: float, hi: float) -> str:
     """Share of tokens whose raw weight lies in ``[lo, hi)``: ``tis/hist_<lo>_<hi>`` (``%g`` numbers;
     the buckets are ``algo.offpolicy.hist_edges`` of the config)."""
-    return f"tis/hist_{lo:g}_{hi:g}"
+    return f"tis/{hist_key(lo, hi)}"  # the stat key algo.offpolicy produces, under the tis/ section
 
 
 # Staleness of an asynchronous step's samples (algo.staleness.StalenessHistogram.metrics()).
@@ -51,7 +54,7 @@ STALENESS_MEAN = "staleness/mean"
 
 def staleness_count_key(lag: int) -> str:
     """Items generated ``lag`` versions before the trained policy: ``staleness/count_<lag>``."""
-    return f"staleness/count_{lag}"
+    return count_key(lag)
 
 
 # Evaluation (logged only on evaluation steps).
