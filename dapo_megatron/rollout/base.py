@@ -45,6 +45,11 @@ class SamplingParams:
         stop_token_ids: extra stop tokens (the model's EOS always stops); the stop token is
             included in the output, like SGLang's ``output_ids``.
         seed: sampling seed; None lets the engine pick (deterministic per engine and request count).
+        return_routed_experts: MoE models (R3 routing replay): each completion also carries
+            ``meta["routed_experts"]``, per position of ``prompt + response[:-1]`` (every token the
+            model read) and per MoE layer, the ``topk`` expert ids it used. The response's last
+            token is never read, and its output predicts nothing the loss scores. An engine that
+            cannot capture routing raises rather than ignore it.
     """
 
     n: int = 1
@@ -54,6 +59,7 @@ class SamplingParams:
     max_new_tokens: int = 16
     stop_token_ids: Tuple[int, ...] = ()
     seed: Optional[int] = None
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
@@ -73,7 +79,11 @@ class SamplingParams:
 @dataclass
 class Completion:
     """One sampled response. ``len(logprobs) == len(token_ids)``; ``weight_version`` is the policy
-    version of the weights that produced it (stamped by the engine's last weight update)."""
+    version of the weights that produced it (stamped by the engine's last weight update).
+
+    ``meta`` keys an engine may set: ``token_versions`` (partial rollouts) and ``routed_experts``
+    (with ``SamplingParams.return_routed_experts``: nested lists ``[prompt_len + len(token_ids) - 1]
+    [moe_layers][topk]`` of expert ids)."""
 
     token_ids: List[int]
     logprobs: List[float]

@@ -37,6 +37,7 @@ from dapo_megatron.rollout.base import (
     RequestTimeout,
     SamplingParams,
 )
+from dapo_megatron.rollout.embedded_routing import check_routing_support, row_routes
 from dapo_megatron.rollout.embedded_sampling import sample_next
 from dapo_megatron.rollout.embedded_sched import Request, Scheduler
 
@@ -191,6 +192,8 @@ class EmbeddedEngine:
         too_long = [len(p) for p in prompts if len(p) > width]
         if too_long:
             raise ValueError(f"generate: a prompt of {too_long[0]} tokens exceeds max_seq_len={width}")
+        if params.return_routed_experts:
+            check_routing_support(self.config)
         seed = self._default_seed() if params.seed is None else params.seed
         stop = frozenset(self.eos_token_ids | set(params.stop_token_ids))
         out = []
@@ -207,8 +210,14 @@ class EmbeddedEngine:
     def _completions(req: Request) -> List[Completion]:
         if req.error is not None:
             raise EngineError(f"embedded decode failed: {type(req.error).__name__}: {req.error}") from req.error
-        return [Completion(t, lp, r or "abort", weight_version=req.version)
-                for t, lp, r in zip(req.tokens, req.logps, req.reasons)]  # fmt: skip
+        out = [Completion(t, lp, r or "abort", weight_version=req.version)
+               for t, lp, r in zip(req.tokens, req.logps, req.reasons)]  # fmt: skip
+        if req.params.return_routed_experts:
+            for c, steps in zip(out, req.routes):
+                ids = row_routes(req.prompt_routes, steps)
+                if ids is not None:  # None: aborted before its prefill (no token either)
+                    c.meta["routed_experts"] = ids
+        return out
 
     def generate_sync(
         self,

@@ -20,6 +20,7 @@ step. Weights change only while no request is active (see ``EmbeddedEngine.updat
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,10 +55,15 @@ class Request:
     error: Optional[BaseException] = None
     done: threading.Event = field(default_factory=threading.Event)
     callbacks: List[Callable[[], None]] = field(default_factory=list)
+    # return_routed_experts: the prompt's [P, layers, k] ids (set by the prefill), and per row one
+    # [layers, k] per decode step (the routing of the token that step fed); see embedded_routing.
+    prompt_routes: Optional[torch.Tensor] = None
+    routes: List[List[torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = self.params.n
         self.tokens, self.logps, self.reasons = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+        self.routes = [[] for _ in range(n)]
 
     def draw(self) -> List[float]:
         """The ``n`` uniforms of this request's next sampling step."""
@@ -89,6 +95,7 @@ class Scheduler:
         self.forwards = 0  # decode steps run (tests count them)
         self.prefills = 0  # prompts prefilled
         self._cache: Any = None
+        self._recorder: Any = None
         self._thread: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ called by the engine
@@ -121,7 +128,8 @@ class Scheduler:
                     plan = self._plan()
                     if plan is None:
                         continue
-                    out = self._forward(*plan[1:])
+                    routes = any(r.params.return_routed_experts for r in plan[0])
+                    out = self._forward(*plan[1:], routes=routes)
                 except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the thread
                     self._fail(e)
                     continue
@@ -167,9 +175,10 @@ class Scheduler:
         """Each new request alone: its prompt's keys/values into its slots, each row's first token."""
         for req in admitted:
             slots = [s for s in req.slots if s is not None]
-            with self.model_lock:
+            with self.model_lock, self._record(req.params.return_routed_experts) as routes:
                 logits = self._slot_cache().prefill(self.engine.model, req.prompt, slots)
                 self.prefills += 1
+            req.prompt_routes = routes[0] if routes else None
             tokens, chosen = _first_tokens(logits, req)
             with self.cv:
                 req.fed = len(req.prompt)
@@ -200,9 +209,10 @@ class Scheduler:
         return (list(self.active), as_t(ids, torch.long), as_t(pos, torch.long), as_t(temp, torch.float32),
                 as_t(top_p, torch.float32), as_t(top_k, torch.long), as_t(u, torch.float64))  # fmt: skip
 
-    def _forward(self, ids, pos, temp, top_p, top_k, u) -> Tuple[list, list]:
-        """One forward over every slot, then a draw per slot: (tokens, log-probs) as lists ``[slots]``."""
-        with self.model_lock:
+    def _forward(self, ids, pos, temp, top_p, top_k, u, *, routes: bool = False) -> Tuple[list, list, Any]:
+        """One forward over every slot, then a draw per slot: (tokens, log-probs) as lists ``[slots]``,
+        and with ``routes`` the ``[slots, layers, k]`` expert ids of the tokens fed (else None)."""
+        with self.model_lock, self._record(routes) as recorded:
             cache = self._slot_cache()
             mask = cache.step_inputs(pos)
             out = self.engine.model(input_ids=ids[:, None], attention_mask=mask, position_ids=pos[:, None],
@@ -211,7 +221,17 @@ class Scheduler:
         logp = torch.log_softmax(out.logits[:, -1, :].float() / temp[:, None], dim=-1)
         tokens = sample_rows(logp, top_p, top_k, u)
         chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
-        return tokens.tolist(), chosen.tolist()
+        return tokens.tolist(), chosen.tolist(), (recorded[0] if recorded else None)
+
+    def _record(self, enabled: bool) -> Any:
+        """The routing recorder's block (hooks installed on first use; see ``embedded_routing``)."""
+        if enabled and self._recorder is None:
+            from dapo_megatron.rollout.embedded_routing import RouteRecorder
+
+            self._recorder = RouteRecorder(self.engine.model, self.engine.config)
+        if self._recorder is None:
+            return contextlib.nullcontext([])
+        return self._recorder.record(enabled)
 
     def _slot_cache(self) -> Any:
         if self._cache is None:
@@ -225,13 +245,17 @@ class Scheduler:
                                     self.engine.dtype, self.engine.device)  # fmt: skip
         return self._cache
 
-    def _apply(self, stepped: List[Request], out: Tuple[list, list]) -> None:
+    def _apply(self, stepped: List[Request], out: Tuple[list, list, Any]) -> None:
         """Record the step's draws for the requests it ran (one aborted meanwhile stays aborted)."""
-        tokens, logps = out
+        tokens, logps, routes = out
         with self.cv:
             for req in stepped:
                 if req.done.is_set():
                     continue
+                if routes is not None and req.params.return_routed_experts:
+                    for j, s in enumerate(req.slots):
+                        if s is not None:  # the row fed its last token at this step
+                            req.routes[j].append(routes[s])
                 self._record_rows(req, {s: (tokens[s], logps[s]) for s in req.slots if s is not None})
                 req.fed += 1
                 self._complete_if_done(req)
