@@ -282,9 +282,8 @@ class SGLangEngine:
             await self.finish_weight_sync(version, ok=ok)
 
     async def begin_weight_sync(self) -> None:
-        """pause -> flush_cache -> begin_weight_update, on every live worker."""
-        if self.transport == "distributed" and self._sender is None:
-            raise EngineError("the distributed weight transport needs init_weight_group() first")
+        """pause -> flush_cache -> begin_weight_update, on every live worker. Needs no update group:
+        in the per-stage sync rank 0 opens the session and the stage leaders' engines send."""
         await self.pause()
         try:
             await self.flush_cache()
@@ -333,6 +332,8 @@ class SGLangEngine:
         is sent."""
         from dapo_megatron.weights.transports import metas_of
 
+        if self._sender is None:
+            raise EngineError("the distributed weight transport needs init_weight_group() first")
         flat = api.flatten_bucket(bucket)
         payload = api.update_weights_from_distributed(
             metas_of(bucket), version=version, group_name=self._group_name, flush_cache=False
