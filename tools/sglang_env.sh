@@ -17,17 +17,11 @@
 # it, then sglang itself with --no-deps (its metadata asks for CUDA-only packages and a newer torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python3}
 venv=.venv-sglang
-torch_spec=${TORCH_SPEC:-torch==2.13.0}
 if [ -f "$venv/.ready" ]; then echo "sglang env ready (cached: $venv)"; exit 0; fi
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-py=$venv/bin/python
-"$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q "$torch_spec"
-constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
-"$py" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+# shellcheck source=tools/torch_venv.sh
+. tools/torch_venv.sh
+torch_venv "$venv"  # sets $py and $constraints
 "$py" -m pip install -q -r tools/sglang_cpu_requirements.txt -c "$constraints"
 "$py" -m pip install -q --no-deps "sglang==0.5.23" "sglang-router==0.3.2"
 # SGLang imports torchvision while reading model configs. The registry's torchvision is a CUDA build whose

@@ -9,18 +9,12 @@
 # memory sampler. Idempotent: a finished venv carries a .ready marker and the script exits at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python3}
 venv=.venv-trl
-torch_spec=${TORCH_SPEC:-torch==2.13.0}
 trl_spec=${TRL_SPEC:-trl==1.16.0}
 if [ -f "$venv/.ready" ]; then echo "trl env ready (cached: $venv)"; exit 0; fi
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-py=$venv/bin/python
-"$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q "$torch_spec"
-constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
-"$py" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+# shellcheck source=tools/torch_venv.sh
+. tools/torch_venv.sh
+torch_venv "$venv"  # sets $py and $constraints
 "$py" -m pip install -q "$trl_spec" psutil -c "$constraints"
 "$py" - <<'PY'
 import inspect

