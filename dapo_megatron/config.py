@@ -227,7 +227,11 @@ class DemoConfig:
         num_train / num_eval: distinct training and held-out problems (disjoint sets).
         sft_steps / sft_lr / sft_batch_size: the warm-up: Adam steps of token-mean cross-entropy on
             the reference answers, with its own learning rate (DAPO then uses ``optim.lr``).
-        hidden_size / num_layers: shape of the tiny Qwen2 model built from code.
+        hidden_size / num_layers: shape of the tiny model built from code.
+        model_type: the tiny model's HF architecture: ``qwen2`` (dense) or ``qwen3_moe`` (every
+            layer's MLP a mixture of experts, megatron's MoE path end to end).
+        num_experts / moe_topk / moe_intermediate_size: ``qwen3_moe`` only: routed experts per
+            layer, experts each token goes to (``moe_topk <= num_experts``) and one expert's width.
     """
 
     max_operand: int = 29
@@ -239,11 +243,19 @@ class DemoConfig:
     sft_batch_size: int = 64
     hidden_size: int = 128
     num_layers: int = 2
+    model_type: str = "qwen2"
+    num_experts: int = 8
+    moe_topk: int = 2
+    moe_intermediate_size: int = 64
 
     def __post_init__(self) -> None:
         _check(self.max_operand >= 1, "demo.max_operand", "must be >= 1")
+        _choice(self.model_type, "demo.model_type", ("qwen2", "qwen3_moe"))
+        _check(self.num_experts >= 1, "demo.num_experts", "must be >= 1")
+        experts = self.num_experts
+        _check(1 <= self.moe_topk <= experts, "demo.moe_topk", f"must be in [1, num_experts={experts}]")
         _check(bool(self.ops) and set(self.ops) <= {"+", "-", "*"}, "demo.ops", "must be a non-empty subset of + - *")
-        for name in ("num_train", "num_eval", "sft_batch_size", "hidden_size", "num_layers"):
+        for name in ("num_train", "num_eval", "sft_batch_size", "hidden_size", "num_layers", "moe_intermediate_size"):
             _check(getattr(self, name) >= 1, f"demo.{name}", "must be >= 1")
         _check(self.sft_steps >= 0, "demo.sft_steps", "must be >= 0")
         _check(self.sft_lr > 0, "demo.sft_lr", "must be > 0")

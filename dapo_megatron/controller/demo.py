@@ -21,11 +21,11 @@ import random
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-from dapo_megatron.config import Config
+from dapo_megatron.config import Config, DemoConfig
 from dapo_megatron.controller.run_dir import RunLock
 
 SFT_DIR = "sft"
@@ -42,7 +42,7 @@ class DemoAssets:
 
 def write_assets(cfg: Config, root: str) -> DemoAssets:
     """Tokenizer + ``config.json`` into ``root/model``, problems into ``root/data`` (idempotent)."""
-    from dapo_megatron.controller.demo_task import build_demo_tokenizer, demo_hf_config, make_rows, write_rows_parquet
+    from dapo_megatron.controller.demo_task import build_demo_tokenizer, make_rows, write_rows_parquet
 
     d = cfg.demo
     assets = DemoAssets(os.path.join(root, "model"), os.path.join(root, "data", "train.parquet"),
@@ -52,7 +52,7 @@ def write_assets(cfg: Config, root: str) -> DemoAssets:
         return assets
     os.makedirs(os.path.dirname(assets.train_file), exist_ok=True)
     tok = build_demo_tokenizer()
-    hf = demo_hf_config(len(tok), hidden_size=d.hidden_size, num_layers=d.num_layers, eos_token_id=tok.eos_token_id)
+    hf = _model_config(d, len(tok), tok.eos_token_id)
     tmp = f"{assets.model_dir}.tmp-{os.getpid()}"
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -64,6 +64,19 @@ def write_assets(cfg: Config, root: str) -> DemoAssets:
     write_rows_parquet(held_out, assets.eval_file)
     write_rows_parquet(train, assets.train_file)
     return assets
+
+
+def _model_config(d: DemoConfig, vocab_size: int, eos_token_id: int) -> dict:
+    """The ``config.json`` of the tiny model ``demo.model_type`` names (dense Qwen2 or Qwen3-MoE)."""
+    from dapo_megatron.controller.demo_task import demo_hf_config, demo_moe_hf_config
+
+    shape = dict(hidden_size=d.hidden_size, num_layers=d.num_layers, eos_token_id=eos_token_id)
+    moe = dict(num_experts=d.num_experts, topk=d.moe_topk, moe_intermediate_size=d.moe_intermediate_size)
+    builders: Dict[str, Callable[[], dict]] = {
+        "qwen2": lambda: demo_hf_config(vocab_size, **shape),
+        "qwen3_moe": lambda: demo_moe_hf_config(vocab_size, **shape, **moe),
+    }
+    return builders[d.model_type]()
 
 
 def with_assets(cfg: Config, assets: DemoAssets, *, load: str = "") -> Config:

@@ -68,6 +68,35 @@ def demo_hf_config(vocab_size: int, *, hidden_size: int = 128, num_layers: int =
     }
 
 
+def demo_moe_hf_config(vocab_size: int, *, hidden_size: int = 128, num_layers: int = 2, eos_token_id: int = 1,
+                       num_experts: int = 8, topk: int = 2, moe_intermediate_size: int = 64) -> dict:  # fmt: skip
+    """A tiny Qwen3-MoE ``config.json`` as a dict: the dense demo's attention shape (head_dim 32) with
+    every layer's MLP replaced by ``num_experts`` SwiGLU experts of width ``moe_intermediate_size``,
+    ``topk`` per token.
+
+    As in Qwen3-30B-A3B: q/k RMSNorm, no attention bias, top-k probabilities renormalised
+    (``norm_topk_prob``), untied ``lm_head``, no dense layers between MoE layers. HF's router aux loss
+    is 0: the trainer's load-balancing loss is ``model.moe_aux_loss_coeff``.
+    """
+    dense = demo_hf_config(vocab_size, hidden_size=hidden_size, num_layers=num_layers, eos_token_id=eos_token_id)
+    return {
+        **dense,
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "head_dim": hidden_size // dense["num_attention_heads"],
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "num_experts": num_experts,
+        "num_experts_per_tok": topk,
+        "moe_intermediate_size": moe_intermediate_size,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "router_aux_loss_coef": 0.0,
+        "output_router_logits": False,
+    }
+
+
 def arithmetic_problem(rng: random.Random, max_operand: int, ops: Sequence[str]) -> tuple:
     """One problem ``(text, answer)``; subtraction never goes negative, so answers are digits only."""
     op = rng.choice(list(ops))
