@@ -28,13 +28,14 @@ class ModelConfig:
         recompute_num_layers: layers per recompute unit (``full`` only).
         seed: seed of parameter initialisation and dropout.
         moe_aux_loss_coeff: weight of megatron's load-balancing aux loss (MoE models; 0 = off). It is
-            added once per optimizer step, whatever the number of micro-batches.
+            added once per optimizer update, whatever the number of micro-batches: megatron averages
+            it over the update's micro-batches and DP ranks (logged as ``moe/aux_loss``).
         moe_token_dispatcher: how tokens reach their experts' ranks: ``alltoall`` (works on gloo and
             NCCL) or ``flex`` (DeepEP on CUDA). ``allgather`` is refused: megatron rejects it with
             the variable-length micro-batches this trainer packs.
         moe_capacity_factor: ``None`` (no token dropping) or the expert capacity as a multiple of the
             even share ``tokens * topk / num_experts``; tokens over capacity are dropped (counted in
-            the ``moe/tokens_dropped`` metric).
+            the ``moe/dropped_token_frac`` metric).
     """
 
     hf_path: str = ""
