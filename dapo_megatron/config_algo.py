@@ -105,9 +105,10 @@ class AlgoConfig:
         use_rollout_logprobs: use the engine's logprobs as old logprobs instead of recomputing.
         entropy_coeff: weight of an entropy bonus (0 = off, DAPO default).
         routing_replay: MoE models: ``none`` (the trainer's routers choose experts) or ``rollout``
-            (R3: the trainer's forward uses the experts the rollout engine chose per token). The
-            trainer side exists (``megatron/moe_replay.py``), but no engine returns routed experts
-            yet, so ``rollout`` is refused for now rather than silently ignored.
+            (R3: the engines return the experts each token went to, and the trainer's forwards --
+            old-log-prob recompute and training -- route every token to those experts; the
+            router's probabilities still come from the trainer, so it still learns). Needs a MoE
+            model, an engine that returns routing (embedded; SGLang), no full recompute.
     """
 
     clip_ratio_low: float = 0.2
@@ -127,8 +128,6 @@ class AlgoConfig:
 
     def __post_init__(self) -> None:
         _choice(self.routing_replay, "algo.routing_replay", ("none", "rollout"))
-        _check(self.routing_replay == "none", "algo.routing_replay",
-               "'rollout' needs the engines to return routed experts, which none does yet; use 'none'")  # fmt: skip
         _check(0 <= self.clip_ratio_low < 1, "algo.clip_ratio_low", f"must be in [0, 1), got {self.clip_ratio_low}")
         _check(self.clip_ratio_high >= 0, "algo.clip_ratio_high", f"must be >= 0, got {self.clip_ratio_high}")
         _check(

@@ -55,3 +55,20 @@ def expert_layout_problem(world_size: int, model_parallel: int, expert: int) -> 
         f"parallel.expert: expert parallelism {expert} must divide the data-parallel degree "
         f"world_size/(tensor*pipeline*context) = {world_size}/{model_parallel} = {dp}"
     )
+
+
+ROUTING_ENGINES = ("embedded",)  # engines that return routed experts (SamplingParams.return_routed_experts)
+
+
+def routing_replay_problem(routing_replay: str, engine: str, replay_rollouts: str = "") -> Optional[str]:
+    """Why ``algo.routing_replay`` cannot work with ``rollout.engine``, or None.
+
+    ``rollout`` replays the experts the engine chose, so the engine must return them; training on
+    dumped steps (``run.replay_rollouts``) reads them from the dump instead, whatever the engine.
+    """
+    if routing_replay != "rollout" or replay_rollouts or engine in ROUTING_ENGINES:
+        return None
+    return (
+        f"algo.routing_replay: 'rollout' needs an engine that returns routed experts ({', '.join(ROUTING_ENGINES)}), "
+        f"but rollout.engine is {engine!r}; use algo.routing_replay: none"
+    )

@@ -32,6 +32,12 @@ class Sample:
     ``weight_version``. Invariant: ``weight_version`` is the OLDEST version of the sample, so with
     versions given ``weight_version == min(token_versions)``. ``finish_reason == "abort"`` marks a
     partial trajectory (a response still to be continued).
+
+    Routing (MoE, ``algo.routing_replay: rollout``): ``routed_experts[t][l]`` holds the ``k`` expert
+    ids MoE layer ``l`` of the rollout model chose for token ``t`` of ``prompt_ids + response_ids``,
+    for every token the model read: ``len == len(prompt_ids) + len(response_ids) - 1`` (the last
+    response token is never fed back). Empty: not recorded. Nested lists keep dumps and
+    checkpoints JSON.
     """
 
     prompt_ids: List[int]
@@ -44,6 +50,7 @@ class Sample:
     pred: str = ""
     reward: float = 0.0
     token_versions: List[int] = field(default_factory=list)
+    routed_experts: List[List[List[int]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.finish_reason not in FINISH_REASONS:
@@ -64,6 +71,13 @@ class Sample:
                     f"Sample.weight_version={self.weight_version} must be the oldest of token_versions "
                     f"(min {min(self.token_versions)})"
                 )
+
+        read = len(self.prompt_ids) + len(self.response_ids) - 1
+        if self.routed_experts and len(self.routed_experts) != read:
+            raise ValueError(
+                f"Sample.routed_experts: routing of {len(self.routed_experts)} tokens, expected {read} "
+                f"(prompt + response - 1: every token the model read)"
+            )
 
     def versions(self) -> List[int]:
         """The version of every response token (``token_versions``, or ``weight_version`` throughout)."""
@@ -91,6 +105,11 @@ class TrainBatch:
 
     ``seq_group`` maps each row to its prompt group (``[B]`` long), so sequence-level aggregation
     and balanced splitting across data-parallel ranks can keep groups intact.
+
+    ``routed_experts`` (MoE routing replay, else None): ``[B, T, moe_layers, k]`` integer expert ids,
+    entry ``[b, t]`` the experts the rollout used for input token ``tokens[b, t]`` (NOT
+    target-aligned: it routes position t's own hidden state). Positions without a recorded route
+    (padding, a response's last token) hold ``0..k-1``: valid, distinct ids whose outputs no loss reads.
     """
 
     tokens: torch.Tensor
@@ -99,6 +118,7 @@ class TrainBatch:
     rollout_logprobs: torch.Tensor
     seq_group: torch.Tensor
     old_logprobs: Optional[torch.Tensor] = None
+    routed_experts: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         shape = self.tokens.shape
@@ -108,6 +128,10 @@ class TrainBatch:
             value = getattr(self, name)
             if value is not None and value.shape != shape:
                 raise ValueError(f"TrainBatch.{name}: shape {tuple(value.shape)} != tokens {tuple(shape)}")
+        routes = self.routed_experts
+        if routes is not None and (routes.dim() != 4 or routes.shape[:2] != shape):
+            raise ValueError(f"TrainBatch.routed_experts: shape {tuple(routes.shape)} != [B, T, layers, k] "
+                             f"with [B, T] = {tuple(shape)}")  # fmt: skip
         if self.seq_group.shape != shape[:1]:
             raise ValueError(f"TrainBatch.seq_group: shape {tuple(self.seq_group.shape)} != [{shape[0]}]")
 

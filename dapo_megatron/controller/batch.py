@@ -7,12 +7,12 @@ same batch, and hence the same update, as an uninterrupted one.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from dapo_megatron.algo import broadcast_to_tokens, group_advantages, overlong_filter_mask
-from dapo_megatron.types import Group, TrainBatch
+from dapo_megatron.types import Group, Sample, TrainBatch
 
 
 def build_train_batch(
@@ -27,7 +27,8 @@ def build_train_batch(
 
     ``advantages`` come from each sample's shaped ``reward`` normalised within its group; rollout
     log-probs are placed at the target positions of the response tokens (see ``types.py``).
-    With ``overlong_filter`` the truncated samples get loss mask 0.
+    With ``overlong_filter`` the truncated samples get loss mask 0. When the samples carry routed
+    experts (``algo.routing_replay: rollout``) they become ``routed_experts`` ``[B, T, layers, k]``.
     """
     ordered = sorted(groups, key=lambda g: g.prompt_index)
     samples = [s for g in ordered for s in g.samples]
@@ -54,7 +55,31 @@ def build_train_batch(
         advantages=broadcast_to_tokens(adv, loss_mask),
         rollout_logprobs=rollout_lp,
         seq_group=seq_group,
+        routed_experts=routed_experts_tensor(samples, width),
     )
+
+
+def routed_experts_tensor(samples: Sequence[Sample], width: int) -> Optional[torch.Tensor]:
+    """``[B, width, layers, k]`` int16 expert ids of the samples (row order), or None when no sample
+    has routing. Positions without one (the last response token, padding) hold ``0..k-1``: valid,
+    distinct ids (a router given one expert twice would drop a slot), whose outputs no loss reads."""
+    first = next((s.routed_experts for s in samples if s.routed_experts), None)
+    if first is None:
+        return None
+    layers, k = len(first[0]), len(first[0][0])
+    out = torch.arange(k, dtype=torch.int16).expand(len(samples), width, layers, k).clone()
+    for row, s in enumerate(samples):
+        if not s.routed_experts:
+            if s.response_ids:
+                raise ValueError(f"build_train_batch: sample {row} has no routed experts while others do "
+                                 "(algo.routing_replay=rollout needs them for every response)")  # fmt: skip
+            continue
+        ids = torch.tensor(s.routed_experts, dtype=torch.int16)
+        if tuple(ids.shape[1:]) != (layers, k):
+            raise ValueError(f"build_train_batch: sample {row} routes {tuple(ids.shape[1:])} (layers, k), "
+                             f"sample 0 {(layers, k)}")  # fmt: skip
+        out[row, : ids.shape[0]] = ids
+    return out
 
 
 def reward_metrics(groups: Sequence[Group]) -> dict:

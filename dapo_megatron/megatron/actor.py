@@ -40,6 +40,7 @@ from dapo_megatron.config import AlgoConfig, ModelConfig, OptimConfig, TrainConf
 from dapo_megatron.megatron.batching import MicroBatch, MiniBatchPlan, plan_minibatches
 from dapo_megatron.megatron.dispatch import StepShard, dispatch_step, plan_step
 from dapo_megatron.megatron.loss_scaling import CALCULATE_PER_TOKEN_LOSS, scale_loss
+from dapo_megatron.megatron.moe_replay import check_replay_support, replay_scope
 from dapo_megatron.megatron.offload import StateOffloader, grad_tensors, model_tensors, optimizer_tensors
 from dapo_megatron.megatron.offpolicy import accumulate, is_metrics, is_weights, reduce_stats, stat_keys
 from dapo_megatron.megatron.optim import build_optimizer
@@ -107,6 +108,7 @@ class MegatronActor:
         sequence_parallel: bool = False,
     ) -> None:
         check_actor_support(topology, model_cfg)  # before any import of megatron or model build
+        check_replay_support(algo_cfg.routing_replay, spec.moe, model_cfg.recompute_granularity)
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -238,7 +240,8 @@ class MegatronActor:
     def _to_device(self, mb: MicroBatch) -> MicroBatch:
         if self._device is None:
             return mb
-        return MicroBatch(**{k: getattr(mb, k).to(self._device, non_blocking=True) for k in mb.__dataclass_fields__})
+        return MicroBatch(**{k: v if (v := getattr(mb, k)) is None else v.to(self._device, non_blocking=True)
+                             for k in mb.__dataclass_fields__})  # fmt: skip
 
     # ------------------------------------------------------------------ the schedule
     def _token_logprobs(self, logits: Tensor, mb: MicroBatch, temperature: float, entropy: bool) -> tuple:
@@ -274,7 +277,8 @@ class MegatronActor:
             mb = next(data_iterator)
             b, t = mb.tokens.shape
             positions = torch.arange(t, device=mb.tokens.device).unsqueeze(0).expand(b, -1)
-            output = model(mb.tokens, positions, None)  # None: the causal mask (right padding only)
+            with replay_scope(model, mb.routed_experts, self.algo_cfg.routing_replay == "rollout"):  # R3
+                output = model(mb.tokens, positions, None)  # None: the causal mask (right padding only)
             return output, make_loss_func(mb)
 
         iterators = [iter(mbs) for _ in self._ddp]

@@ -38,7 +38,8 @@ _DUMMY_LEN = 2
 
 @dataclass
 class MicroBatch:
-    """One forward/backward unit. All tensors ``[b, t]``; ``rows`` ``[b]`` (long, -1 = dummy)."""
+    """One forward/backward unit. All tensors ``[b, t]``; ``rows`` ``[b]`` (long, -1 = dummy);
+    ``routed_experts`` ``[b, t, layers, k]`` (routing replay; None without it), padding ``0..k-1``."""
 
     tokens: Tensor
     loss_mask: Tensor
@@ -46,6 +47,7 @@ class MicroBatch:
     old_logprobs: Tensor
     rollout_logprobs: Tensor
     rows: Tensor
+    routed_experts: Optional[Tensor] = None
 
 
 @dataclass
@@ -141,8 +143,16 @@ def split_microbatches(
     return equalize_microbatches(chunks, lengths, multiple=microbatch_multiple)
 
 
+def filler_routes(rows: int, cols: int, like: Tensor) -> Tensor:
+    """``[rows, cols, layers, k]`` of ids ``0..k-1`` (``like``: ``[..., layers, k]``): routes for positions
+    whose outputs no loss reads; distinct ids, so a router never gets one expert twice."""
+    layers, k = like.shape[-2:]
+    return torch.arange(k, dtype=like.dtype, device=like.device).expand(rows, cols, layers, k).clone()
+
+
 def make_microbatch(batch: TrainBatch, rows: List[int], lengths: Sequence[int], old_logprobs: Tensor) -> MicroBatch:
     """Gather ``rows`` of ``batch`` and trim the right padding; ``[]`` gives one dummy row."""
+    routes = batch.routed_experts
     if not rows:
         z = torch.zeros((1, _DUMMY_LEN))
         return MicroBatch(
@@ -152,6 +162,7 @@ def make_microbatch(batch: TrainBatch, rows: List[int], lengths: Sequence[int], 
             old_logprobs=z.to(old_logprobs.dtype),
             rollout_logprobs=z.to(batch.rollout_logprobs.dtype),
             rows=torch.tensor([DUMMY_ROW], dtype=torch.long),
+            routed_experts=None if routes is None else filler_routes(1, _DUMMY_LEN, routes),
         )
     idx = torch.tensor(rows, dtype=torch.long)
     t = max(lengths[r] for r in rows)
@@ -162,11 +173,13 @@ def make_microbatch(batch: TrainBatch, rows: List[int], lengths: Sequence[int], 
         old_logprobs=old_logprobs[idx, :t].contiguous(),
         rollout_logprobs=batch.rollout_logprobs[idx, :t].contiguous(),
         rows=idx,
+        routed_experts=None if routes is None else routes[idx, :t].contiguous(),
     )
 
 
 def pad_microbatch(mb: MicroBatch, rows: int, cols: int) -> MicroBatch:
-    """``mb`` right-padded to ``[rows, cols]``: extra columns and dummy rows (``rows == -1``) are 0.
+    """``mb`` right-padded to ``[rows, cols]``: extra columns and dummy rows (``rows == -1``) are 0
+    (routed experts: ``0..k-1``).
 
     Safe for the loss: padded positions have loss mask 0, a causal model never lets a later column
     change an earlier one, and rows are independent.
@@ -184,6 +197,10 @@ def pad_microbatch(mb: MicroBatch, rows: int, cols: int) -> MicroBatch:
 
     row_ids = mb.rows.new_full((rows,), DUMMY_ROW)
     row_ids[:b] = mb.rows
+    routes = None
+    if mb.routed_experts is not None:
+        routes = filler_routes(rows, cols, mb.routed_experts)
+        routes[:b, :t] = mb.routed_experts
     return MicroBatch(
         tokens=pad(mb.tokens),
         loss_mask=pad(mb.loss_mask),
@@ -191,6 +208,7 @@ def pad_microbatch(mb: MicroBatch, rows: int, cols: int) -> MicroBatch:
         old_logprobs=pad(mb.old_logprobs),
         rollout_logprobs=pad(mb.rollout_logprobs),
         rows=row_ids,
+        routed_experts=routes,
     )
 
 

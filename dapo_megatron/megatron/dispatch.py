@@ -28,6 +28,7 @@ training device (NCCL on GPUs, gloo on CPU).
 
 from __future__ import annotations
 
+import math
 import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -136,14 +137,15 @@ def _localize(plans: List[MiniBatchPlan], num_tokens: float, old_from: str) -> S
 
 
 # ----------------------------------------------------------------------------- wire format
-def _fields(old_from: str) -> tuple:
-    return _SENT + (("old_logprobs",) if old_from == "batch" else ())
+def _fields(old_from: str, routes: bool = False) -> tuple:
+    return _SENT + (("old_logprobs",) if old_from == "batch" else ()) + (("routed_experts",) if routes else ())
 
 
 def _pack(shard: StepShard, dp_rank: int, device: torch.device) -> tuple:
     """``(metadata bytes, payload uint8 [n])`` of ``shard``."""
     mbs = shard.microbatches
-    names = _fields(shard.old_from)
+    routes = mbs[0].routed_experts if mbs else None
+    names = _fields(shard.old_from, routes is not None)
     parts, dtypes = [], {}
     for name in names:
         flat = torch.cat([getattr(mb, name).reshape(-1) for mb in mbs])
@@ -166,6 +168,8 @@ def _pack(shard: StepShard, dp_rank: int, device: torch.device) -> tuple:
         "batch_rows": shard.batch_rows,
         "old_from": shard.old_from,
         "dtypes": dtypes,
+        # routed_experts [b, t, layers, k]: the per-position entries of that field
+        "trailing": {"routed_experts": tuple(routes.shape[2:])} if routes is not None else {},
     }
     return pickle.dumps(meta), torch.cat(parts).to(device)
 
@@ -173,20 +177,21 @@ def _pack(shard: StepShard, dp_rank: int, device: torch.device) -> tuple:
 def _unpack(meta: dict, payload: Tensor) -> StepShard:
     """The shard of :func:`_pack` (micro-batch tensors are views into ``payload``, tokens a copy)."""
     shapes = [shape for _, _, _, mbs in meta["plans"] for shape, _ in mbs]
-    numel = sum(b * t for b, t in shapes)
     fields: Dict[str, List[Tensor]] = {}
     offset = 0
     for name, dtype in meta["dtypes"].items():
         wire = torch.int32 if name == "tokens" else dtype
-        nbytes = numel * torch.empty((), dtype=wire).element_size()
+        trail = tuple(meta.get("trailing", {}).get(name, ()))
+        per_pos = math.prod(trail)
+        nbytes = sum(b * t for b, t in shapes) * per_pos * torch.empty((), dtype=wire).element_size()
         piece = payload[offset : offset + nbytes]
         try:
             flat = piece.view(wire)
         except RuntimeError:  # a view needs the offset aligned to the dtype's size; copy when it is not
             flat = piece.clone().view(wire)
         offset += nbytes
-        pieces = flat.split([b * t for b, t in shapes])
-        fields[name] = [x.view(shape).to(dtype) for x, shape in zip(pieces, shapes)]
+        pieces = flat.split([b * t * per_pos for b, t in shapes])
+        fields[name] = [x.view(*shape, *trail).to(dtype) for x, shape in zip(pieces, shapes)]
     plans, k, next_row = [], 0, 0
     for tokens, seqs, num_rows, mbs in meta["plans"]:
         out = []

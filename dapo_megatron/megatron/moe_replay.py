@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ContextManager, Optional
 
 from torch import Tensor
 
@@ -71,3 +71,40 @@ def replay_routing(model_chunks: Sequence[Any], routed_experts: Tensor) -> Itera
         for _, router in routers:
             router.router_replay.clear_indices()
             router.router_replay.clear_router_replay_action()
+
+
+class RoutingReplayError(ValueError):
+    """``algo.routing_replay: rollout`` cannot be honoured (dense model, or a batch without routes)."""
+
+
+def check_replay_support(routing_replay: str, moe: Optional[Any], recompute_granularity: Optional[str]) -> None:
+    """At actor build: ``rollout`` replay needs a MoE model (``moe``: the spec's ``MoESpec`` or None),
+    and no full activation recompute: the recompute runs in the backward, after :func:`replay_scope`
+    closed, so the routers would pick their own experts there and the gradients would belong to
+    another forward (selective recompute re-runs only core attention, no router)."""
+    if routing_replay != "rollout":
+        return
+    if moe is None:
+        raise RoutingReplayError(
+            "algo.routing_replay=rollout replays MoE expert choices, but the model is dense (no experts); "
+            "set algo.routing_replay: none"
+        )
+    if recompute_granularity == "full":
+        raise RoutingReplayError(
+            "algo.routing_replay=rollout with model.recompute_granularity=full is not supported (the backward's "
+            "recompute would route by the trainer's own top-k); use selective recompute or none"
+        )
+
+
+def replay_scope(model_chunk: Any, routed_experts: Optional[Tensor], enabled: bool) -> ContextManager[Any]:
+    """The actor's per-forward block: with ``enabled``, ``model_chunk`` routes by the micro-batch's
+    ``routed_experts`` ``[b, t, layers, k]`` (:func:`replay_routing`); else nothing happens. A chunk
+    without MoE layers on this stage (PP) replays nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if routed_experts is None:
+        raise RoutingReplayError(
+            "algo.routing_replay=rollout: this micro-batch carries no routed experts (the train batch was "
+            "built from samples without Sample.routed_experts; the rollout must request return_routed_experts)"
+        )
+    return replay_routing([model_chunk], routed_experts)

@@ -48,6 +48,11 @@ from dapo_megatron.types import Group, Sample
 _HEALTH_TIMEOUT_S = 10.0
 
 
+class RoutingNotReturned(RuntimeError):
+    """Routing replay was asked for (``SamplingParams.return_routed_experts``) and an engine returned
+    a completion without ``meta["routed_experts"]``: training on it would silently not replay."""
+
+
 class StreamingRollout(PartialRollouts):
     """Drives ``engines`` to fill one training batch of informative groups per :meth:`run`.
 
@@ -247,6 +252,13 @@ class StreamingRollout(PartialRollouts):
         )
         samples = []
         for c, pen in zip(completions, penalty):
+            routes = c.meta.get("routed_experts", [])
+            if self.sampling.return_routed_experts and not routes and c.token_ids:
+                raise RoutingNotReturned(
+                    f"group of prompt {item.prompt_index}: algo.routing_replay=rollout needs the routed experts of "
+                    f"every token, and engine {meta.get('engine')} returned none (engines that return them: "
+                    "embedded, sglang with --enable-return-routed-experts)"
+                )
             res = self.reward_fn(self.decode(c.token_ids), item.ground_truth)
             samples.append(
                 Sample(
@@ -256,6 +268,7 @@ class StreamingRollout(PartialRollouts):
                     c.finish_reason,
                     weight_version=c.weight_version,
                     token_versions=list(c.meta.get("token_versions", [])),
+                    routed_experts=list(routes),
                     score=float(res.score),
                     acc=bool(res.acc),
                     pred=res.pred,

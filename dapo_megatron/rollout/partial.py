@@ -50,7 +50,26 @@ def extend(prev: Optional[Completion], new: Completion, *, max_response_len: int
     if reason == "length" and len(tokens) < max_response_len:
         reason = "abort"
     oldest = min(versions) if versions else new.weight_version
-    return Completion(tokens, logprobs, reason, weight_version=oldest, meta={"token_versions": versions})
+    meta: Dict[str, Any] = {"token_versions": versions}
+    routes = _joined_routes(prev, new)
+    if routes:
+        meta["routed_experts"] = routes
+    return Completion(tokens, logprobs, reason, weight_version=oldest, meta=meta)
+
+
+def _joined_routes(prev: Optional[Completion], new: Completion) -> list:
+    """Routed experts of ``prev + new`` (see ``Completion.meta``), or ``[]`` when a segment with
+    tokens lacks them. ``new`` was generated from ``prompt + prev``, so its routes cover every position
+    again: positions ``prev`` already has keep ``prev``'s (the experts that generated those tokens),
+    the rest come from ``new`` (its prefill routed ``prev``'s last token, never read before)."""
+    old, fresh = (prev.meta.get("routed_experts", []) if prev else []), new.meta.get("routed_experts", [])
+    if not prev or not prev.token_ids:
+        return list(fresh)
+    if not new.token_ids:
+        return list(old)
+    if not old or not fresh:
+        return []
+    return list(old) + list(fresh[len(old) :])
 
 
 def oldest_version(parts: List[Optional[Completion]]) -> Optional[int]:
@@ -67,7 +86,8 @@ def to_group(prompt_index: int, prompt_ids: List[int], ground_truth: str, metada
         c = c or Completion([], [], "abort")
         v = versions_of(c)
         samples.append(Sample(list(prompt_ids), list(c.token_ids), list(c.logprobs), c.finish_reason,
-                              weight_version=min(v) if v else c.weight_version, token_versions=v))  # fmt: skip
+                              weight_version=min(v) if v else c.weight_version, token_versions=v,
+                              routed_experts=list(c.meta.get("routed_experts", []))))  # fmt: skip
     return Group(prompt_index, ground_truth, samples, metadata=dict(metadata))
 
 
@@ -78,8 +98,11 @@ def from_group(group: Group) -> Tuple[dict, List[Optional[Completion]]]:
         if s.finish_reason == "abort" and not s.response_ids:
             parts.append(None)
             continue
+        meta: Dict[str, Any] = {"token_versions": s.versions()}
+        if s.routed_experts:
+            meta["routed_experts"] = list(s.routed_experts)
         parts.append(Completion(list(s.response_ids), list(s.response_logprobs), s.finish_reason,
-                                weight_version=s.weight_version, meta={"token_versions": s.versions()}))  # fmt: skip
+                                weight_version=s.weight_version, meta=meta))  # fmt: skip
     return dict(group.metadata), parts
 
 
