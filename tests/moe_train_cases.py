@@ -7,8 +7,8 @@ with :class:`dapo_megatron.megatron.moe_stats.MoEStepStats` reset before and red
 
 - ``world1``: EP1 (1 rank) references: the DAPO step with the aux loss on, the same with a capacity
   factor, and the aux-only cases (identical rows, zero advantages) at 1 and 4 micro-batches;
-- ``world2``: DP2 x EP1 and DP2 x EP2 on the same batch, the capacity run at EP2, and the aux-only
-  case at DP2 x EP2.
+- ``world2``: DP2 x EP1, DP2 x EP2 and PP2 (the stats summed over stages) on the same batch, the
+  capacity run at EP2, and the aux-only case at DP2 x EP2.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ CAPACITY = 1.0
 VOCAB = 250
 
 
-def make_moe_actor(hf_dir: str, world: int, ep: int, *, coeff: float = AUX_COEFF,
+def make_moe_actor(hf_dir: str, world: int, ep: int, *, pp: int = 1, coeff: float = AUX_COEFF,
                    capacity: Optional[float] = None, micro_batch_size: int = 1):  # fmt: skip
-    """Parallel state for (TP1, PP1, EP ``ep``) on ``world`` ranks, an actor on it, weights from ``hf_dir``.
+    """Parallel state for (TP1, PP ``pp``, EP ``ep``) on ``world`` ranks, an actor on it, weights from ``hf_dir``.
 
     The optimizer makes one update ~``lr * g`` (as in tests.actor_cases.sub_configs), so the updated
     weights show the gradient's scale.
@@ -39,7 +39,7 @@ def make_moe_actor(hf_dir: str, world: int, ep: int, *, coeff: float = AUX_COEFF
     from dapo_megatron.megatron.actor import MegatronActor
     from dapo_megatron.megatron.model import model_spec_from_hf
 
-    topology = init_layout(world, ep=ep)
+    topology = init_layout(world, pp=pp, ep=ep)
     spec = model_spec_from_hf(hf_dir)
     actor = MegatronActor(
         spec, topology,
@@ -150,7 +150,7 @@ def world1(rank: int, world: int, hf_dir: str) -> dict:
 
 
 def world2(rank: int, world: int, hf_dir: str, batch) -> dict:
-    """DP2 x EP1 and DP2 x EP2 on the reference batch, EP2 with the capacity factor, the aux-only case."""
+    """DP2 x EP1, DP2 x EP2 and PP2 on the reference batch, EP2 with the capacity factor, the aux-only case."""
     from dapo_megatron.parallel.init import init_distributed, shutdown
 
     init_distributed()
@@ -158,6 +158,7 @@ def world2(rank: int, world: int, hf_dir: str, batch) -> dict:
         out = {
             "dp2": _layout(hf_dir, world, 1, batch),
             "ep2": _layout(hf_dir, world, 2, batch),
+            "pp2": _layout(hf_dir, world, 1, batch, pp=2),
             "ep2_cap": _layout(hf_dir, world, 2, batch, capacity=CAPACITY),
             "aux_only": _aux_only(hf_dir, world, 2, batch),
         }

@@ -1,7 +1,7 @@
 """The DAPO step of a tiny Qwen3-MoE through the real ``MegatronActor.train_step``, with the router
 statistics of :mod:`dapo_megatron.megatron.moe_stats`. Multi-process (gloo).
 
-1. Expert parallelism does not change the update: EP1 (1 rank), DP2 x EP1 and DP2 x EP2 give the same
+1. Expert parallelism does not change the update: EP1 (1 rank), DP2 x EP1, DP2 x EP2 and PP2 give the same
    loss, grad norm and updated weights (the dense layout-invariance tolerances of
    ``test_actor_invariance``), with the load-balancing aux loss on, and with a capacity factor.
    One row per micro-batch, so every layout's micro-batches hold the same rows (the aux loss of a
@@ -29,7 +29,7 @@ TOL = 1e-5  # relative: grad norm, weights, update (test_actor_invariance.TOL)
 LOSS_ABS_TOL = 1e-6  # absolute, on the O(1)-scale loss (test_actor_invariance.LOSS_ABS_TOL)
 STAT_TOL = 1e-6  # moe/* metrics across layouts (counts are exact; the aux loss is a float mean)
 HF_AUX_TOL = 1e-5  # aux loss from megatron's fp32 routers vs transformers' (logits agree to ~1e-5)
-LAYOUTS = [("dp2", "ep1"), ("ep2", "ep1"), ("ep2_cap", "ep1_cap")]  # (world 2, world 1 reference)
+LAYOUTS = [("dp2", "ep1"), ("ep2", "ep1"), ("pp2", "ep1"), ("ep2_cap", "ep1_cap")]  # (world 2, world 1 reference)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_reference_step_trains_experts_and_router(runs):
 
 @pytest.mark.parametrize("name,ref_name", LAYOUTS)
 def test_expert_parallel_step_matches_ep1(runs, name, ref_name):
-    """DP2 x EP1 / DP2 x EP2 == EP1: loss, grad norm, updated weights, and every moe/* metric."""
+    """DP2 x EP1 / DP2 x EP2 / PP2 == EP1: loss, grad norm, updated weights, and every moe/* metric."""
     w1, w2, _ = runs
     ref = w1[ref_name]
     per_rank = [r[name] for r in w2]
