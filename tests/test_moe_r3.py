@@ -48,10 +48,62 @@ def test_engine_returns_the_experts_of_every_token_it_read_and_nothing_else_chan
         assert torch.equal(ids, want), "the engine's routes differ from the model's own"
 
 
+def test_routes_travel_from_a_worker_process_and_its_refusal_too(models):
+    import asyncio
+
+    from dapo_megatron.rollout.embedded_client import EmbeddedWorkerEngine
+
+    kwargs = dict(max_batch_rows=8, max_seq_len=64)
+    params = SamplingParams(n=2, max_new_tokens=6, seed=4, return_routed_experts=True)
+    local = EmbeddedEngine.from_pretrained(models["decisive"], **kwargs).generate_sync([PROMPTS[2]], params)[0]
+    worker = EmbeddedWorkerEngine.from_pretrained(models["decisive"], engine_kwargs=kwargs)
+    dense = EmbeddedWorkerEngine.from_pretrained(models["dense"], engine_kwargs=kwargs)
+    try:
+        remote = asyncio.run(worker.generate(PROMPTS[2], params, timeout_s=120))
+        assert [c.meta["routed_experts"] for c in remote] == [c.meta["routed_experts"] for c in local]
+        with pytest.raises(ValueError, match="not model_type='qwen3'"):
+            asyncio.run(dense.generate(PROMPTS[2], params, timeout_s=120))
+    finally:
+        worker.close()
+        dense.close()
+
+
 def test_engine_refuses_routing_for_a_dense_model(models):
     engine = EmbeddedEngine.from_pretrained(models["dense"], max_batch_rows=2, max_seq_len=32)
     with pytest.raises(ValueError, match="model_type='qwen3'.*dense"):
         engine.generate_sync([[5, 6]], SamplingParams(max_new_tokens=2, return_routed_experts=True))
+
+
+class _RoutelessEngine:
+    """An engine that ignores ``return_routed_experts`` (as one without routing capture would)."""
+
+    weight_version = 0
+
+    async def generate(self, prompt_ids, params, *, timeout_s):
+        return [Completion([3 + i, 2], [-1.0, -1.0], "stop") for i in range(params.n)]
+
+    async def abort_all(self): ...
+
+    async def health(self):
+        return True
+
+
+def test_the_rollout_refuses_completions_without_routes_when_replay_asked_for_them():
+    import asyncio
+
+    from dapo_megatron.rewards.base import RewardResult
+    from dapo_megatron.rollout.generator import PromptItem, RoutingNotReturned, StreamingRollout
+
+    def reward(text, truth):
+        return RewardResult(1.0 if text == "3" else -1.0, text == "3", text)
+
+    rollout = StreamingRollout(
+        [_RoutelessEngine()], reward, tokenizer_decode=lambda ids: str(ids[0]), max_response_len=8,
+        sampling=SamplingParams(n=2, max_new_tokens=8, return_routed_experts=True), target_groups=1,
+        gen_prompts_per_round=1, max_num_gen_batches=1, max_concurrency=1, request_timeout_s=5,
+    )  # fmt: skip
+    with pytest.raises(RoutingNotReturned, match="algo.routing_replay=rollout.*engine 0 returned none"):
+        asyncio.run(rollout.run(lambda k: [PromptItem(i, [5, 6], "3", {}) for i in range(k)]))
 
 
 # ----------------------------------------------------------------------------- the carriers
