@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Convert an HF model folder (Qwen2 / Qwen3 / Llama) into a megatron-core dist checkpoint.
+"""Convert an HF model folder (Qwen2 / Qwen3 / Llama / Qwen3-MoE) into a megatron-core dist checkpoint.
 
     python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B --out ckpt/qwen7b   # keeps the source's dtype
     torchrun --nproc-per-node 8 tools/convert_hf_to_megatron.py ...   # or under srun: ranks split layers
 
 The output is a torch_dist checkpoint with megatron's *global* keys (see
-``dapo_megatron/weights/dist_layout.py``), written as if saved at TP=1/PP=1, so any TP/PP/VPP layout
-loads it (dist_checkpointing reshards), plus ``conversion.json`` (source config, dtype, padded
+``dapo_megatron/weights/dist_layout.py``; routed experts with a global expert axis, see
+``expert_layout.py``), written as if saved at TP=1/PP=1/EP=1, so any TP/PP/VPP/EP layout loads it
+(dist_checkpointing reshards), plus ``conversion.json`` (source config, dtype, padded
 vocab). It holds model weights only: no optimizer, scheduler or step.
 
 dtype: by default the source's (the one floating dtype its safetensors hold, else config.json's
@@ -44,7 +45,7 @@ from typing import Any, Dict, List
 import torch
 
 from dapo_megatron.errors import InputError, report_input_errors
-from dapo_megatron.weights import dist_layout, mapping
+from dapo_megatron.weights import expert_layout, mapping
 from dapo_megatron.weights.hf_io import HFReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,7 +85,7 @@ def load_and_validate(hf_dir: str) -> tuple[HFReader, Any]:
     try:
         spec = model_spec_from_hf(reader.config)
         mapping.check_spec(spec)
-        dist_layout.check_layout_supported(spec)
+        expert_layout.check_supported(spec)
     except (ValueError, KeyError) as e:
         raise ConversionError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
     expected = mapping.hf_shapes(spec)
@@ -172,19 +173,17 @@ def convert_items(reader: HFReader, spec: Any, items: List[mapping.ConvItem], ar
     """Sharded state dict (this rank's part) of ``items``; tensors live in ``arena``."""
     from tqdm import tqdm
 
-    from dapo_megatron.weights import dist_layout
-
     sharded: Dict[str, Any] = {}
     done_layers = set()
     for item in tqdm(items, desc="hf->megatron", unit="tensor", disable=not progress, file=sys.stderr):
         hf = [reader.get(n) for n in item.hf_names]
         data = _fill(arena, item, hf, spec, vocab_rows, dtype)
         del hf  # the bound: only this item's inputs are ever resident
-        for k, st in enumerate(dist_layout.sharded_tensors(item.megatron_name, data, spec.num_layers)):
+        for k, st in enumerate(expert_layout.sharded_tensors(item.megatron_name, data, spec)):
             sharded[f"{item.megatron_name}#{k}"] = st
         if item.layer is not None and item.layer not in done_layers:
             done_layers.add(item.layer)
-            for k, obj in enumerate(dist_layout.extra_state_objects(item.layer, spec.num_layers)):
+            for k, obj in enumerate(expert_layout.extra_state_objects(item.layer, spec)):
                 sharded[f"layer{item.layer}.extra{k}"] = obj
     return sharded
 
@@ -224,6 +223,7 @@ def _write_meta(folder: Path, spec: Any, config: dict, dtype: str, vocab_rows: i
         "format": FORMAT,
         "model_type": spec.model_type,
         "num_layers": spec.num_layers,
+        "num_experts": spec.moe.num_experts if getattr(spec, "moe", None) is not None else 0,
         "vocab_size": spec.vocab_size,
         "padded_vocab_size": vocab_rows,
         "dtype": dtype,

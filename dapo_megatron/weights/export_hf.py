@@ -9,9 +9,12 @@ copied. The output folder has ``config.json`` (the source config with the dtype 
 ``generation_config.json``, safetensors shards with an index, and the tokenizer files; it loads
 with ``transformers.AutoModelForCausalLM.from_pretrained`` unchanged.
 
-Streaming: the checkpoint is read one transformer layer at a time (dist_checkpointing loads just
-the requested global slices, whatever TP/PP layout saved them), and the shard writer holds at most
-one output shard, so memory is bounded by one layer plus one shard (``--max-shard-size``). Only the
+Streaming: the checkpoint is read one transformer layer at a time, and a MoE layer's routed experts
+as a group of their own (dist_checkpointing loads just the requested global slices, whatever
+TP/PP/EP layout saved them; experts are stored by global index), and the shard writer holds at most
+one output shard, so memory is bounded by one layer (or one layer's experts) plus one shard
+(``--max-shard-size``). Qwen3-MoE exports to per-expert HF names that
+``transformers.Qwen3MoeForCausalLM`` loads. Only the
 model weights are read; optimizer state in a training checkpoint is ignored. The output folder is
 written atomically (temporary sibling, renamed at the end; removed on failure).
 """
@@ -27,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 
 from dapo_megatron.errors import InputError, report_input_errors
-from dapo_megatron.weights import dist_layout, mapping
+from dapo_megatron.weights import expert_layout, mapping
 from dapo_megatron.weights.hf_io import read_hf_config, write_hf_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,8 +93,8 @@ def checkpoint_vocab_rows(metadata: Dict[str, Any], spec: Any) -> int:
     if rows < spec.vocab_size:
         raise ExportError(f"checkpoint embedding has {rows} rows < the config's vocab_size={spec.vocab_size}")
     for name, shape in mapping.megatron_shapes(spec, rows).items():
-        key, layer = dist_layout.checkpoint_key(name)
-        want = tuple(shape) if layer is None else (spec.num_layers, *shape)
+        key = expert_layout.checkpoint_key(name)[0]
+        want = expert_layout.global_shape(name, shape, spec)
         found = metadata.get(key)
         if found is None:
             raise ExportError(f"checkpoint lacks tensor {key!r} that the config implies")
@@ -103,50 +106,70 @@ def checkpoint_vocab_rows(metadata: Dict[str, Any], spec: Any) -> int:
 
 
 def _load_items(ckpt: str, items: List[mapping.ConvItem], spec: Any, rows: int, metadata) -> Dict[str, torch.Tensor]:
-    """Full (TP=1) tensors of ``items`` read from ``ckpt`` (only those slices are read)."""
+    """Full (TP=1) tensors of ``items`` read from ``ckpt`` (only those slices are read).
+
+    Each tensor is allocated once, at its final shape, and the load fills it in place (linear_fc1's
+    gate and up pieces are its two row blocks), so the group is held once, never twice.
+    """
     from megatron.core import dist_checkpointing
 
     shapes = mapping.megatron_shapes(spec, rows)
     request: Dict[str, Any] = {}
+    targets: Dict[str, torch.Tensor] = {}
+    out: Dict[str, torch.Tensor] = {}
     for item in items:
-        dtype = metadata[dist_layout.checkpoint_key(item.megatron_name)[0]].dtype
-        shape = shapes[item.megatron_name]
-        if item.kind == mapping.FC1:  # two pieces of one key; separate buffers, concatenated below
-            half = (shape[0] // 2, *shape[1:])
-            data = (torch.empty(half, dtype=dtype), torch.empty(half, dtype=dtype))
-        else:
-            data = torch.empty(shape, dtype=dtype)
-        for k, st in enumerate(
-            dist_layout.sharded_tensors(item.megatron_name, data, spec.num_layers, explicit_layer_axis=True)
-        ):
+        dtype = metadata[expert_layout.checkpoint_key(item.megatron_name)[0]].dtype
+        full = out[item.megatron_name] = torch.empty(shapes[item.megatron_name], dtype=dtype)
+        pieces = full.chunk(2, dim=0) if item.kind == mapping.FC1 else (full,)  # contiguous row blocks
+        sharded = expert_layout.sharded_tensors(item.megatron_name, pieces if len(pieces) > 1 else full, spec,
+                                                explicit_axes=True)  # fmt: skip
+        for k, (st, piece) in enumerate(zip(sharded, pieces)):
             request[f"{item.megatron_name}#{k}"] = st
+            targets[f"{item.megatron_name}#{k}"] = piece
     # A per-layer request covers only part of each global tensor: skip the whole-tensor coverage check.
     loaded = dist_checkpointing.load(request, ckpt, validate_access_integrity=False)
-    out = {}
-    for item in items:
-        # Layer pieces come back as [1, ...] slices; gate/up pieces are consecutive row blocks.
-        parts = [loaded[k].reshape(-1) for k in sorted(loaded) if k.rsplit("#", 1)[0] == item.megatron_name]
-        out[item.megatron_name] = torch.cat(parts).view(shapes[item.megatron_name])
+    for key, piece in targets.items():
+        got = loaded.pop(key)
+        if got.data_ptr() != piece.data_ptr():  # not filled in place by this megatron version: copy
+            piece.copy_(got.view(piece.shape))
+        del got
     return out
 
 
+def read_groups(spec: Any) -> List[List[mapping.ConvItem]]:
+    """The conversion plan cut into the groups read one at a time: the embedding; per layer its
+    attention, norms and router, then (MoE) its routed experts; the final norm and output layer.
+
+    Each group's tensors are all that the reader holds, so the peak is the largest group: for a MoE
+    model one layer's experts (``E * 3 * ffn_e * h`` elements), not the layer plus its experts.
+    """
+    groups = [mapping.conversion_plan(spec, layers=[], include_post=False)]
+    for i in range(spec.num_layers):
+        layer = mapping.conversion_plan(spec, layers=[i], include_pre=False, include_post=False)
+        groups.append([item for item in layer if item.expert is None])
+        experts = [item for item in layer if item.expert is not None]
+        if experts:
+            groups.append(experts)
+    groups.append(mapping.conversion_plan(spec, layers=[], include_pre=False))
+    return groups
+
+
 def iter_hf_tensors(ckpt: str, spec: Any, dtype: torch.dtype, progress: bool) -> Iterator[Tuple[str, torch.Tensor]]:
-    """HF tensors of the checkpoint, one megatron layer at a time, in conversion-plan order."""
+    """HF tensors of the checkpoint, one :func:`read_groups` group at a time, in conversion-plan order."""
     from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
     metadata = dist_checkpointing.load_tensors_metadata(ckpt)
     rows = checkpoint_vocab_rows(metadata, spec)
     index = mapping.conversion_index(spec)
-    groups = [mapping.conversion_plan(spec, layers=[], include_post=False)]
-    groups += [mapping.conversion_plan(spec, layers=[i], include_pre=False, include_post=False)
-               for i in range(spec.num_layers)]  # fmt: skip
-    groups.append(mapping.conversion_plan(spec, layers=[], include_pre=False))
-    for items in tqdm(groups, desc="megatron->hf", unit="layer", disable=not progress, file=sys.stderr):
+    groups = read_groups(spec)
+    for items in tqdm(groups, desc="megatron->hf", unit="group", disable=not progress, file=sys.stderr):
         tensors = _load_items(ckpt, items, spec, rows, metadata)
         for item in items:
-            for hf_name, t in mapping.megatron_to_hf(spec, item.megatron_name, tensors.pop(item.megatron_name), index):
-                yield hf_name, t.to(dtype)
+            parts = mapping.megatron_to_hf(spec, item.megatron_name, tensors.pop(item.megatron_name), index)
+            while parts:  # pop: no local name keeps a handed-over tensor alive while the next is made
+                hf_name = parts[0][0]
+                yield hf_name, parts.pop(0)[1].to(dtype)
 
 
 # ----------------------------------------------------------------------------- main
@@ -205,7 +228,7 @@ def export(ckpt: str, hf_dir: str, out: str, dtype: str | None = None, *, max_sh
     try:
         spec = model_spec_from_hf(config)
         mapping.check_spec(spec)
-        dist_layout.check_layout_supported(spec)
+        expert_layout.check_supported(spec)
     except (ValueError, KeyError) as e:
         raise ExportError(f"{src / 'config.json'}: {e}") from None
     _verify(ckpt)
