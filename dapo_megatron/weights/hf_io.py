@@ -5,7 +5,7 @@ copies out one tensor per :meth:`HFReader.get` call. Every failure names the fil
 where there is one): a missing shard, a truncated or corrupt file, a missing tensor, a shape that
 disagrees with the config.
 
-Writing (:func:`write_hf_folder`) streams named tensors into size-bounded shards inside a temporary
+Writing (:func:`write_hf_folder`) streams named tensors, one at a time, into size-bounded shards inside a temporary
 sibling folder ``<out>.tmp-<nonce>`` and renames it onto ``<out>`` only when everything is written;
 on any error the temporary folder is removed, so a failed run leaves no output folder.
 """
@@ -16,13 +16,14 @@ import contextlib
 import json
 import os
 import shutil
+import struct
+import sys
 import uuid
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from dapo_megatron.errors import InputError
@@ -167,9 +168,50 @@ def atomic_output_dir(out: Union[str, Path]) -> Iterator[Path]:
         raise
 
 
-def _save_shard(tensors: Dict[str, Tensor], path: Path) -> None:
-    # format=pt is what transformers expects in the safetensors metadata.
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
+class _ShardWriter:
+    """One safetensors file written tensor by tensor, so only the tensor being added is in memory.
+
+    The format (safetensors' documented layout): an 8-byte little-endian header length, a JSON
+    header (``dtype``, ``shape``, ``data_offsets`` per tensor, ``__metadata__``), padded with spaces
+    to a multiple of 8, then the raw little-endian data. The header needs every tensor's offsets, so
+    the data goes to ``<path>.data`` as tensors arrive and :meth:`close` writes the header and then
+    copies the data after it (the library's ``save_file`` would need the whole shard in memory).
+    """
+
+    def __init__(self, path: Path):
+        if sys.byteorder != "little":  # safetensors data is little-endian; we write raw memory
+            raise RuntimeError("writing safetensors needs a little-endian machine")
+        self.path = path
+        self._data_path = path.with_name(path.name + ".data")
+        self._data_path.write_bytes(b"")
+        self._header: Dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, t: Tensor) -> None:
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        n = flat.numel() * flat.element_size()
+        if n:  # appended per tensor: no handle stays open when the producer raises
+            with open(self._data_path, "ab") as data:
+                data.write(flat.view(torch.uint8).numpy().data)
+        self._header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.size, self.size + n]}  # fmt: skip
+        self.size += n
+
+    def names(self) -> List[str]:
+        return list(self._header)
+
+    def close(self) -> None:
+        # format=pt is what transformers expects in the safetensors metadata.
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 1024**2)
+        os.remove(self._data_path)
 
 
 def write_safetensors_shards(
@@ -178,35 +220,34 @@ def write_safetensors_shards(
     """Stream tensors into ``model-XXXXX-of-YYYYY.safetensors`` (or one ``model.safetensors``).
 
     A shard is closed before it would exceed ``max_shard_bytes`` (a larger tensor gets a shard of
-    its own), so at most one shard's tensors are held. Writes the index when there are several
-    shards. Returns the weight map (tensor name -> file name). Duplicate names raise.
+    its own). Each tensor is written when it arrives and then dropped, so the writer holds one
+    tensor at a time whatever the shard size. Writes the index when there are several shards.
+    Returns the weight map (tensor name -> file name). Duplicate names raise.
     """
-    pending: Dict[str, Tensor] = {}
-    pending_bytes, shard_files, weight_map, total = 0, [], {}, 0
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        path = folder / f"shard-{len(shard_files):05d}.partial"
-        _save_shard(pending, path)
-        shard_files.append((path, list(pending)))
-        pending, pending_bytes = {}, 0
-
+    shards: List[_ShardWriter] = []
+    seen: set = set()
+    total = 0
     for name, t in named_tensors:
-        if name in weight_map or name in pending:
+        if name in seen:
             raise ValueError(f"duplicate tensor name {name!r}")
+        seen.add(name)
         size = t.numel() * t.element_size()
-        if pending and pending_bytes + size > max_shard_bytes:
-            flush()
-        pending[name] = t
-        pending_bytes += size
+        if not shards or (shards[-1].size and shards[-1].size + size > max_shard_bytes):
+            if shards:
+                shards[-1].close()
+            shards.append(_ShardWriter(folder / f"shard-{len(shards):05d}.partial"))
+        shards[-1].add(name, t)
         total += size
-    if pending or not shard_files:
-        flush()
-    n = len(shard_files)
-    for k, (path, names) in enumerate(shard_files):
+        del t  # not held while the producer makes the next tensor
+    if not shards:
+        shards.append(_ShardWriter(folder / "shard-00000.partial"))
+    shards[-1].close()
+    n = len(shards)
+    weight_map: Dict[str, str] = {}
+    for k, shard in enumerate(shards):
         final = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(path, folder / final)
-        weight_map.update(dict.fromkeys(names, final))
+        os.replace(shard.path, folder / final)
+        weight_map.update(dict.fromkeys(shard.names(), final))
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
