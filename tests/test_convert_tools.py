@@ -182,3 +182,34 @@ def test_conversion_memory_is_bounded_by_one_item_not_the_model(tmp_path):
         f"anonymous memory grew {growth / 1e6:.0f} MB for a {model_bytes / 1e6:.0f} MB model"
     )
     assert (tmp_path / "out" / "conversion.json").is_file()
+
+
+# ----------------------------------------------------------------------------- shard writer
+def test_streamed_shards_read_back_bitwise_with_safetensors(tmp_path):
+    """The writer produces safetensors by hand (tensor by tensor); the library must read every dtype,
+    a scalar and an empty tensor back bit for bit, with the index naming each tensor's shard."""
+    from safetensors.torch import load_file
+
+    from dapo_megatron.weights.hf_io import write_safetensors_shards
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(7, 5, generator=gen).bfloat16(),
+        "f16": torch.randn(3, generator=gen).half(),
+        "f32": torch.randn(4, 4, generator=gen)[:, 1],  # non-contiguous view
+        "i64": torch.arange(-3, 6),
+        "flags": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    weight_map = write_safetensors_shards(tmp_path, iter(tensors.items()), max_shard_bytes=64)
+    assert len(set(weight_map.values())) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == weight_map
+    got = {}
+    for shard in sorted(set(weight_map.values())):
+        got.update(load_file(str(tmp_path / shard)))
+    assert sorted(got) == sorted(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+    assert sorted(os.listdir(tmp_path)) == sorted({*weight_map.values(), "model.safetensors.index.json"})

@@ -11,9 +11,9 @@ with ``transformers.AutoModelForCausalLM.from_pretrained`` unchanged.
 
 Streaming: the checkpoint is read one transformer layer at a time, and a MoE layer's routed experts
 as a group of their own (dist_checkpointing loads just the requested global slices, whatever
-TP/PP/EP layout saved them; experts are stored by global index), and the shard writer holds at most
-one output shard, so memory is bounded by one layer (or one layer's experts) plus one shard
-(``--max-shard-size``). Qwen3-MoE exports to per-expert HF names that
+TP/PP/EP layout saved them; experts are stored by global index), and the shard writer writes each
+tensor as it arrives, so memory is bounded by one layer (or one layer's experts), whatever
+``--max-shard-size``. Qwen3-MoE exports to per-expert HF names that
 ``transformers.Qwen3MoeForCausalLM`` loads. Only the
 model weights are read; optimizer state in a training checkpoint is ignored. The output folder is
 written atomically (temporary sibling, renamed at the end; removed on failure).
