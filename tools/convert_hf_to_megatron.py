@@ -26,7 +26,8 @@ The converted tensors are therefore written into file-backed shared mappings (a 
 are page cache, which the kernel writes back and evicts under pressure. Anonymous (unevictable)
 memory holds at most the HF input tensors of one item plus a dtype-cast copy: at most
 ``2 x`` the largest of {embedding, q+k+v, gate+up} of one layer (Qwen2.5-32B in bf16: the
-1.56 GB embedding, so about 3.2 GB), independent of the number of layers. Disk: the scratch copy
+1.56 GB embedding, so about 3.2 GB), independent of the number of layers; a MoE layer's routed
+experts are converted one expert (gate+up, then down) at a time. Disk: the scratch copy
 plus the output, about twice the model size. Under torchrun/srun each rank converts a contiguous
 block of layers (rank 0 also the embedding, the last rank the final norm and output layer).
 """
