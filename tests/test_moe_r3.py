@@ -68,6 +68,20 @@ def test_routes_travel_from_a_worker_process_and_its_refusal_too(models):
         dense.close()
 
 
+def test_engine_loads_per_expert_checkpoint_names_into_transformers_fused_experts(models):
+    from weights_cases import hf_state_dict
+
+    on_disk = hf_state_dict(models["decisive"])  # per-expert names, as weight syncs send them
+    assert "model.layers.1.mlp.experts.3.up_proj.weight" in on_disk
+    kwargs = dict(max_batch_rows=4, max_seq_len=32)
+    synced = EmbeddedEngine(f"{models['decisive']}/config.json", seed=9, **kwargs)
+    synced.update_weights_sync(list(on_disk.items()), version=1)
+    reference = EmbeddedEngine.from_pretrained(models["decisive"], **kwargs)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in synced.state_dict().items())
+    with pytest.raises(ValueError, match="experts.0.gate_proj.weight has shape"):
+        synced.update_weights_sync([("model.layers.0.mlp.experts.0.gate_proj.weight", torch.zeros(3, 64))], 2)
+
+
 def test_engine_refuses_routing_for_a_dense_model(models):
     engine = EmbeddedEngine.from_pretrained(models["dense"], max_batch_rows=2, max_seq_len=32)
     with pytest.raises(ValueError, match="model_type='qwen3'.*dense"):
@@ -185,3 +199,36 @@ def test_replay_gives_the_engines_logprobs_at_the_dense_level_and_free_routing_d
     for got in (got_near, got_decisive):
         assert torch.isfinite(torch.tensor(got["step"]["loss"])), got["step"]
         assert got["router_moved"] > 0, "under replay the router must still get gradients"
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_trains_a_tiny_moe_two_steps_with_routing_replay(tmp_path):
+    """``dapo-megatron train`` (tiny_cpu.yaml) on a Qwen3-MoE written here with the demo's tokenizer,
+    ``algo.routing_replay=rollout``: 2 steps, the dumped rollouts carry every read token's experts,
+    and the first step's weight check sees the trainer reproduce the engine's log-probs."""
+    import json
+    import shutil
+
+    from cli_runs import TINY, run_cli, write_demo_assets
+
+    assets = write_demo_assets(tmp_path / "assets")
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    for f in (assets / "model").iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, moe / f.name)
+    config = json.loads((assets / "model" / "config.json").read_text())
+    config.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64,
+                  intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16,
+                  norm_topk_prob=True, router_aux_loss_coef=0.0, tie_word_embeddings=False)  # fmt: skip
+    (moe / "config.json").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    done = run_cli(assets, "train", "--config", TINY, f"run.dir={run}", f"model.hf_path={moe}",
+                   "algo.routing_replay=rollout", "run.dump_rollouts=true", timeout=600)  # fmt: skip
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(m.get("step", 0) for m in steps) == 2, steps[-1]
+    groups = load_groups(str(run / "rollouts" / "step_2.jsonl"))
+    for s in (s for g in groups for s in g.samples):
+        assert torch.tensor(s.routed_experts).shape == (len(s.prompt_ids) + len(s.response_ids) - 1, 2, 2)
+    check = next(line for line in done.stdout.splitlines() if line.startswith("weight check"))
+    assert float(check.split("max ")[1].split(",")[0]) < 1e-5, check

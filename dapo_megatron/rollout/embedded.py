@@ -40,6 +40,7 @@ from dapo_megatron.rollout.base import (
 from dapo_megatron.rollout.embedded_routing import check_routing_support, row_routes
 from dapo_megatron.rollout.embedded_sampling import sample_next
 from dapo_megatron.rollout.embedded_sched import Request, Scheduler
+from dapo_megatron.rollout.embedded_weights import target_of
 
 __all__ = ["EmbeddedEngine", "sample_next"]
 
@@ -252,7 +253,8 @@ class EmbeddedEngine:
     def update_weights_sync(self, named_tensors: NamedTensors, version: int) -> None:
         """Copy HF-named tensors into the live parameters, then stamp ``version``.
 
-        Names must be the model's own ``state_dict`` names; an unknown name or a shape mismatch
+        Names must be the model's own ``state_dict`` names, or a MoE checkpoint's per-expert names
+        (loaded into the fused expert parameters, ``embedded_weights``); an unknown name or a shape mismatch
         raises before anything is copied (a mapping bug must not half-load a model). With tied
         embeddings ``lm_head.weight`` and ``model.embed_tokens.weight`` are one tensor, so either
         name loads both (if both are sent, the later one wins).
@@ -262,8 +264,10 @@ class EmbeddedEngine:
         ``version``, and lets queued requests in: no completion mixes two weight versions.
         """
         items = list(named_tensors)
+        targets = []
         for name, t in items:
-            target = self._targets.get(name)
+            target = target_of(self._targets, name)
+            targets.append(target)
             if target is None:
                 raise KeyError(f"update_weights: unknown parameter {name!r} for {type(self.model).__name__}")
             if tuple(target.shape) != tuple(t.shape):
@@ -277,8 +281,7 @@ class EmbeddedEngine:
                 while sched.active:
                     sched.cv.wait()
                 with sched.model_lock, torch.no_grad():
-                    for name, t in items:
-                        target = self._targets[name]
+                    for (_, t), target in zip(items, targets):
                         target.copy_(t.detach().to(device=target.device, dtype=target.dtype))
                     self._version = int(version)
             finally:
