@@ -110,3 +110,28 @@ def test_export_holds_at_most_one_layers_experts(tmp_path):
     assert peak <= layer_experts + 2 * eff * h * 4, f"held {peak} B; one layer's experts are {layer_experts} B"
     assert peak < model / 4, (peak, model)
     _check_equal(hf_state_dict(out), state, "streamed export")
+
+
+def test_mismatched_expert_count_and_missing_expert_are_clear_errors(converted, tmp_path):
+    """Export against a config with 8 experts names the router key and both shapes; converting a
+    folder that lacks one expert's tensor names it. Neither leaves an output folder."""
+    paths, _ = converted
+    wrong = tmp_path / "hf8"
+    make_tiny_moe(str(wrong), seed=3, norm_topk_prob=True, num_experts=8)
+    done = run_tool("convert_megatron_to_hf.py", "--ckpt", paths["ckpt"], "--hf-dir", str(wrong),
+                    "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "checkpoint tensor 'decoder.layers.mlp.router.weight' has shape [2, 4, 64], config implies [2, 8, 64]" in (
+        done.stderr
+    )
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    make_tiny_moe(str(broken), seed=3)
+    state = load_file(str(broken / "model.safetensors"))
+    del state["model.layers.1.mlp.experts.2.gate_proj.weight"]
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    done = run_tool("convert_hf_to_megatron.py", "--hf-dir", str(broken), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "tensor 'model.layers.1.mlp.experts.2.gate_proj.weight' not found" in done.stderr, done.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["broken", "hf8"]
