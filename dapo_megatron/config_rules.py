@@ -57,7 +57,7 @@ def expert_layout_problem(world_size: int, model_parallel: int, expert: int) -> 
     )
 
 
-ROUTING_ENGINES = ("embedded",)  # engines that return routed experts (SamplingParams.return_routed_experts)
+ROUTING_ENGINES = ("embedded", "sglang")  # engines that return routed experts (SamplingParams.return_routed_experts)
 
 
 def routing_replay_problem(routing_replay: str, engine: str, replay_rollouts: str = "") -> Optional[str]:

@@ -232,3 +232,62 @@ def test_cli_trains_a_tiny_moe_two_steps_with_routing_replay(tmp_path):
         assert torch.tensor(s.routed_experts).shape == (len(s.prompt_ids) + len(s.response_ids) - 1, 2, 2)
     check = next(line for line in done.stdout.splitlines() if line.startswith("weight check"))
     assert float(check.split("max ")[1].split(",")[0]) < 1e-5, check
+
+
+# ----------------------------------------------------------------------------- SGLang
+# SGLang 0.5.23's CPU backend cannot serve this: its routed-experts capturer pins a host buffer with
+# cudaHostRegister (srt/mem_cache/pool_host/common.py), which a CPU build of torch refuses at start-up.
+# So the adapter is tested against the response shape SGLang's source defines: meta_info
+# ["routed_experts"] is base64 of int32 [prompt + output - 1, num_hidden_layers, topk], C order
+# (srt/state_capturer/routed_experts.py, encoded in srt/managers/detokenizer_manager.py).
+def _sglang_body(ids, output_ids):
+    import base64
+
+    encoded = base64.b64encode(ids.to(torch.int32).numpy().tobytes()).decode("utf-8")
+    return {
+        "output_ids": output_ids,
+        "meta_info": {"id": "r", "finish_reason": {"type": "stop"}, "weight_version": "3", "routed_experts": encoded,
+                      "output_token_logprobs": [[-0.5, t, None] for t in output_ids]},
+    }  # fmt: skip
+
+
+def test_sglang_adapter_asks_for_routes_and_decodes_them():
+    import asyncio
+    import json
+
+    import httpx
+
+    from dapo_megatron.rollout import sglang_api as api
+    from dapo_megatron.rollout.sglang import SGLangEngine
+    from dapo_megatron.rollout.sglang_server import ServerOptions, launch_sglang_server
+
+    prompt, output = [5, 6, 7], [8, 9, 2]
+    ids = torch.randint(0, 8, (len(prompt) + len(output) - 1, 3, 2), generator=torch.Generator().manual_seed(0))
+    sent = []
+
+    def handler(request):
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json=_sglang_body(ids, output))
+
+    async def generate(engine, params):
+        try:
+            return await engine.generate(prompt, params, timeout_s=5)
+        finally:
+            await engine._client.aclose()
+
+    def engine(topk):
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        return SGLangEngine("http://s", client=client, routing_topk=topk)
+
+    params = SamplingParams(max_new_tokens=4, return_routed_experts=True)
+    [c] = asyncio.run(generate(engine(2), params))
+    assert sent[-1]["return_routed_experts"] is True and c.meta["routed_experts"] == ids.tolist()
+    [plain] = asyncio.run(generate(engine(None), SamplingParams(max_new_tokens=4)))  # the mock answers routes anyway
+    assert "return_routed_experts" not in sent[-1] and "routed_experts" not in plain.meta
+    with pytest.raises(ValueError, match="routing_topk"):
+        asyncio.run(generate(engine(None), params))
+    with pytest.raises(api.SGLangRequestError, match="do not split into 5 positions"):
+        api.decode_routed_experts(_sglang_body(ids[:4], output)["meta_info"]["routed_experts"], 5, 2)
+    argv = launch_sglang_server(ServerOptions("m", device="cpu", return_routed_experts=True))
+    assert "--enable-return-routed-experts" in argv
+    assert "--enable-return-routed-experts" not in launch_sglang_server(ServerOptions("m", device="cpu"))

@@ -89,6 +89,7 @@ class SGLangEngine:
         api_key: Optional[str] = None,
         transport: str = "distributed",
         owner: Any = None,
+        routing_topk: Optional[int] = None,
     ):
         if transport not in ("tensor", "distributed"):
             raise ValueError(f"transport must be 'tensor' or 'distributed', got {transport!r}")
@@ -98,6 +99,7 @@ class SGLangEngine:
         self._own_client = client is None
         self.timeout_s, self.engine_tp, self.bucket_bytes = timeout_s, engine_tp, bucket_bytes
         self.pause_mode, self.transport, self.owner = pause_mode, transport, owner
+        self.routing_topk = routing_topk  # the model's num_experts_per_tok: decodes routed experts
         self.api_key = api_key  # shared with the stage leaders, which reach the workers themselves
         self.dead_workers: set = set()
         self._version = 0
@@ -169,11 +171,27 @@ class SGLangEngine:
         rid = uuid.uuid4().hex
         self._in_flight.add(rid)
         try:
-            body = api.generate_request(prompt_ids, params, rid=rid)
+            body = api.generate_request(prompt_ids, params, rid=rid, return_routed_experts=self._routes(params))
             data = await self._request("POST", self.base_url + "/generate", body, timeout_s)
         finally:
             self._in_flight.discard(rid)
-        return api.parse_generate_response(data, params.n)
+        completions = api.parse_generate_response(data, params.n)
+        for c in completions:  # base64 from the server -> nested lists (Completion.meta's convention)
+            encoded = c.meta.pop("routed_experts", None)  # absent when asked: the rollout names the engine
+            if encoded is not None and c.token_ids and params.return_routed_experts:  # no token: none routed
+                positions = len(prompt_ids) + len(c.token_ids) - 1
+                c.meta["routed_experts"] = api.decode_routed_experts(encoded, positions, self._topk())
+        return completions
+
+    def _routes(self, params: SamplingParams) -> bool:
+        if params.return_routed_experts:
+            self._topk()
+        return params.return_routed_experts
+
+    def _topk(self) -> int:
+        if self.routing_topk is None:
+            raise ValueError("SGLangEngine: return_routed_experts needs routing_topk (the model's num_experts_per_tok)")
+        return self.routing_topk
 
     async def abort_all(self) -> None:
         """Abort everything running on every worker, then by id each request of ours that is still

@@ -141,6 +141,24 @@ def _completion_meta(meta: Json) -> Json:
     return out
 
 
+def decode_routed_experts(encoded: str, positions: int, topk: int) -> List[List[List[int]]]:
+    """SGLang's ``meta_info["routed_experts"]`` -> nested lists ``[positions][layers][topk]``.
+
+    The server sends base64 of an int32 array ``[positions, num_hidden_layers, topk]``, C order
+    (``srt/state_capturer/routed_experts.py``, encoded in ``detokenizer_manager``), covering positions
+    ``[routed_experts_start_len, seqlen - 1)``: from 0, every token the model read, which is
+    ``prompt + response - 1`` (the convention of ``Completion.meta``). Raises
+    :class:`SGLangRequestError` when the size does not factor that way."""
+    raw = base64.b64decode(encoded)
+    size = len(raw) // 4
+    if len(raw) % 4 or positions < 1 or topk < 1 or size == 0 or size % (positions * topk):
+        raise SGLangRequestError(
+            f"routed_experts: {size} ids do not split into {positions} positions x layers x top-{topk} "
+            "(a server started without --enable-return-routed-experts, or another model?)"
+        )
+    return torch.frombuffer(bytearray(raw), dtype=torch.int32).reshape(positions, -1, topk).tolist()
+
+
 def parse_generate_response(body: Any, n: int) -> List[Completion]:
     """A ``/generate`` body for one prompt with ``n`` samples (a dict when n == 1, else a list)."""
     if isinstance(body, dict) and "error" in body:

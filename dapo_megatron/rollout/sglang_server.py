@@ -43,7 +43,9 @@ class SGLangStartError(RuntimeError):
 class ServerOptions:
     """What one server needs. ``device`` is ``cuda`` or ``cpu``; ``max_total_tokens`` 0 lets SGLang size
     the KV pool from ``mem_fraction_static`` (on CPU a bounded pool is used instead, see ``argv``);
-    ``gpu_ids``: the node-local GPUs the server may see (``CUDA_VISIBLE_DEVICES``; empty: all)."""
+    ``gpu_ids``: the node-local GPUs the server may see (``CUDA_VISIBLE_DEVICES``; empty: all);
+    ``return_routed_experts``: capture each token's MoE experts (``--enable-return-routed-experts``) so
+    requests may ask for them (``algo.routing_replay: rollout``)."""
 
     model_path: str
     host: str = "127.0.0.1"
@@ -57,6 +59,7 @@ class ServerOptions:
     seed: Optional[int] = None
     max_total_tokens: int = 0
     gpu_ids: Tuple[int, ...] = ()
+    return_routed_experts: bool = False
     extra: Tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -83,6 +86,8 @@ def launch_sglang_server(opts: ServerOptions, *, python: str = "python") -> List
         argv += ["--random-seed", str(opts.seed)]
     if opts.api_key:
         argv += ["--api-key", opts.api_key]
+    if opts.return_routed_experts:
+        argv += ["--enable-return-routed-experts"]
     return argv + list(opts.extra)
 
 
