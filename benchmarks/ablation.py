@@ -54,7 +54,7 @@ def prepare(out: str, task: List[str]) -> Dict[str, str]:
     cfg = load_config(BASE, task)
     assets = write_assets(cfg, os.path.join(out, "assets"))
     sft = os.path.join(out, "assets", "sft")
-    if not os.path.isfile(os.path.join(sft, "meta.pt")):
+    if not os.path.isfile(os.path.join(sft, "meta.json")):
         sft_warmup(with_assets(cfg, assets), sft, progress=False)
     return {"model": assets.model_dir, "train": assets.train_file, "eval": assets.eval_file, "sft": sft}
 
