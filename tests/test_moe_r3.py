@@ -196,7 +196,12 @@ def test_replay_gives_the_engines_logprobs_at_the_dense_level_and_free_routing_d
     assert gaps["near_tie_replayed"] < level, gaps
     assert gaps["decisive_replayed"] < level, gaps
     assert gaps["near_tie_free"] > 100 * gaps["near_tie_replayed"], gaps  # flipped experts show
+    print(f"first-update ratio max with replay: near tie {got_near['step']['ratio_max']:.8f}, "
+          f"decisive {got_decisive['step']['ratio_max']:.8f}")  # fmt: skip
     for got in (got_near, got_decisive):
+        # one update per step: the training forward sees the weights pi_old was recomputed with, so
+        # the ratio is 1 only if both forwards replayed the same experts
+        assert abs(got["step"]["ratio_max"] - 1) < 1e-5, got["step"]
         assert torch.isfinite(torch.tensor(got["step"]["loss"])), got["step"]
         assert got["router_moved"] > 0, "under replay the router must still get gradients"
 
@@ -291,3 +296,29 @@ def test_sglang_adapter_asks_for_routes_and_decodes_them():
     argv = launch_sglang_server(ServerOptions("m", device="cpu", return_routed_experts=True))
     assert "--enable-return-routed-experts" in argv
     assert "--enable-return-routed-experts" not in launch_sglang_server(ServerOptions("m", device="cpu"))
+
+
+def test_config_rule_names_engines_that_cannot_return_routes():
+    from dapo_megatron.config_rules import routing_replay_problem
+
+    assert routing_replay_problem("rollout", "vllm") == (
+        "algo.routing_replay: 'rollout' needs an engine that returns routed experts (embedded, sglang), "
+        "but rollout.engine is 'vllm'; use algo.routing_replay: none"
+    )
+    assert routing_replay_problem("rollout", "embedded") is None and routing_replay_problem("rollout", "sglang") is None
+    assert routing_replay_problem("none", "vllm") is None
+    # training on dumped steps reads the routes from the dump
+    assert routing_replay_problem("rollout", "vllm", replay_rollouts="runs/x/rollouts") is None
+
+
+def test_actor_refuses_replay_on_a_dense_model_and_with_full_recompute():
+    from dapo_megatron.megatron.moe_replay import RoutingReplayError, check_replay_support, replay_scope
+
+    with pytest.raises(RoutingReplayError, match="model is dense"):
+        check_replay_support("rollout", None, None)
+    with pytest.raises(RoutingReplayError, match="recompute_granularity=full"):
+        check_replay_support("rollout", object(), "full")
+    check_replay_support("rollout", object(), "selective")
+    check_replay_support("none", None, "full")
+    with pytest.raises(RoutingReplayError, match="carries no routed experts"):
+        replay_scope(object(), None, True)
