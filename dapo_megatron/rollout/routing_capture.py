@@ -1,9 +1,11 @@
 """Routing capture for MoE rollouts (R3, the rollout side): which experts each token went to.
 
-An engine running a HF ``Qwen3MoeForCausalLM`` (transformers 5) calls the model with
-``output_router_logits=True``; the output then carries ``router_logits``, one ``[tokens, E]`` tensor
-per MoE layer (the gate's pre-softmax logits, tokens flattened batch-major: ``b * seq + s``).
-:func:`routed_experts` turns them into the top-k expert ids the model used, per token and layer.
+A HF ``Qwen3MoeForCausalLM`` (transformers 5) called with ``output_router_logits=True`` returns
+``router_logits``, one ``[tokens, E]`` tensor per MoE layer (the gate's pre-softmax logits, tokens
+flattened batch-major: ``b * seq + s``). :func:`routed_experts` turns them into the top-k expert ids
+the model used, per token and layer (tests use it as the reference of a whole-sequence forward). The
+embedded engine records the gates' own ids with hooks instead (``embedded_routing``: no aux-loss
+computation, and it works with the engine's slot cache); :func:`as_meta` is the shared meta form.
 
 The ids are HF's own choice: ``topk(softmax(logits))`` picks the same experts as ``topk(logits)``
 (softmax is monotone), in the same order, so they match what the rollout model computed even when
