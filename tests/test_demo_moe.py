@@ -8,11 +8,12 @@ export is an HF Qwen3-MoE whose experts and routers moved away from the warm-up'
 """
 
 import json
+import subprocess
 
 import pytest
 import torch
 
-from tests.cli_runs import REPO, run_cli
+from tests.cli_runs import BIN, REPO, cli_env, run_cli
 
 MOE_DEMO = str(REPO / "examples" / "demo_cpu_moe.yaml")
 STEPS = 2
@@ -37,7 +38,7 @@ def test_moe_demo_config_is_checked_by_key():
 def test_moe_demo_assets_are_a_qwen3_moe_both_transformers_and_megatron_read(tmp_path):
     """``demo --assets-only``: the config.json builds transformers' Qwen3MoeForCausalLM with the
     configured experts (fused ``[E, 2I, H]`` in transformers 5) and megatron's spec reads the same
-    layout; the dense default still writes the Qwen2 model."""
+    layout; the dense default still writes the Qwen2 model, and refuses the MoE's folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dapo_megatron.megatron.model import model_spec_from_hf
@@ -57,6 +58,10 @@ def test_moe_demo_assets_are_a_qwen3_moe_both_transformers_and_megatron_read(tmp
 
     run_cli(tmp_path / "dense", "demo", "--assets-only", str(tmp_path / "dense"))
     assert AutoConfig.from_pretrained(tmp_path / "dense" / "model").model_type == "qwen2"
+    # The dense config on the MoE's folder: refused by key, not silently trained on the other model.
+    done = subprocess.run([*BIN, "demo", "--assets-only", str(tmp_path / "moe")], env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "demo.model_type='qwen2' but" in done.stderr, done.stderr[-2000:]
 
 
 def _weights(folder):

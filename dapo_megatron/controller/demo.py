@@ -41,14 +41,20 @@ class DemoAssets:
 
 
 def write_assets(cfg: Config, root: str) -> DemoAssets:
-    """Tokenizer + ``config.json`` into ``root/model``, problems into ``root/data`` (idempotent)."""
+    """Tokenizer + ``config.json`` into ``root/model``, problems into ``root/data`` (idempotent; existing
+    assets of another ``demo.model_type`` raise ``ValueError``)."""
     from dapo_megatron.controller.demo_task import build_demo_tokenizer, make_rows, write_rows_parquet
 
     d = cfg.demo
     assets = DemoAssets(os.path.join(root, "model"), os.path.join(root, "data", "train.parquet"),
                         os.path.join(root, "data", "eval.parquet"))  # fmt: skip
-    if all(os.path.exists(p) for p in (os.path.join(assets.model_dir, "config.json"), assets.train_file,
-                                        assets.eval_file)):  # fmt: skip
+    config_json = os.path.join(assets.model_dir, "config.json")
+    if all(os.path.exists(p) for p in (config_json, assets.train_file, assets.eval_file)):
+        with open(config_json) as f:
+            found = json.load(f).get("model_type")
+        if found != d.model_type:  # a re-run must not train another architecture than its config names
+            raise ValueError(f"demo.model_type={d.model_type!r} but {config_json} (written by an earlier run) has "
+                             f"model_type={found!r}; use another run.dir")  # fmt: skip
         return assets
     os.makedirs(os.path.dirname(assets.train_file), exist_ok=True)
     tok = build_demo_tokenizer()
