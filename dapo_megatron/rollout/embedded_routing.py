@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor
 
+from dapo_megatron.rollout.routing_capture import as_meta
+
 # HF ``model_type`` -> the model's MoE gates in layer order, and where each gate's output holds the
 # chosen expert ids ``[tokens, k]``.
 _GATES: Dict[str, Callable[[Any], List[Any]]] = {
@@ -75,4 +77,4 @@ def row_routes(prompt_routes: Optional[Tensor], steps: List[Tensor]) -> Optional
     if prompt_routes is None:
         return None
     ids = torch.cat([prompt_routes, torch.stack(steps)]) if steps else prompt_routes
-    return ids.tolist()
+    return as_meta(ids)
