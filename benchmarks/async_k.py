@@ -29,6 +29,9 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
+# The warm-up runs in this process: one thread, as the README demo runs it (tools/run_demo.sh), so it
+# reaches the same weights (the float reductions, and with them the warm-up, depend on the thread count).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ablation import BASE, prepare  # noqa: E402  (a sibling script, not a package)
 
