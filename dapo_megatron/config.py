@@ -16,7 +16,7 @@ from dapo_megatron.config_algo import AlgoConfig, FilterGroupsConfig, OverlongBu
 from dapo_megatron.config_base import DTYPES, LOSS_AGG_MODES, ConfigError, _check, _choice, _refuse
 from dapo_megatron.config_model import ModelConfig, ParallelConfig
 from dapo_megatron.config_rollout import RolloutConfig
-from dapo_megatron.config_rules import non_finite_float, non_string_item
+from dapo_megatron.config_rules import non_finite_float, non_string_item, routing_replay_problem
 
 __all__ = [
     "AlgoConfig",
@@ -302,6 +302,7 @@ class Config:
             "model.fp8",
             "FP8 training keeps master weights in bfloat16; set model.params_dtype=bfloat16",
         )
+        _refuse(routing_replay_problem(self.algo.routing_replay, self.rollout.engine, self.run.replay_rollouts))
         _check(
             not self.parallel.sequence_parallel or self.model.transformer_impl != "local",
             "parallel.sequence_parallel",

@@ -104,4 +104,7 @@ def test_broadcast_batch_reaches_every_rank():
         got = r["broadcast"]
         for f in fields(sent):
             a, b = getattr(got, f.name), getattr(sent, f.name)
+            if b is None:  # an optional field this batch does not carry (routed experts of a dense model)
+                assert a is None, f.name
+                continue
             assert a.dtype == b.dtype and torch.equal(a, b), f.name

@@ -232,10 +232,15 @@ def test_paper_recipes_resolve_with_the_paper_hyper_parameters(monkeypatch, reci
     assert cfg.optim.lr == 1e-6 and cfg.rollout.prompts_per_step // cfg.train.ppo_mini_batch_size == 16
 
 
-def test_routing_replay_rollout_is_refused_until_an_engine_returns_routes():
+def test_routing_replay_needs_an_engine_that_returns_routes():
     from dapo_megatron.config import AlgoConfig
 
-    with pytest.raises(ConfigError, match="algo.routing_replay.*none does yet"):
-        AlgoConfig(routing_replay="rollout")
+    assert AlgoConfig(routing_replay="rollout").routing_replay == "rollout"
     with pytest.raises(ConfigError, match="allowed values"):
         AlgoConfig(routing_replay="engine")
+    for engine in ("embedded", "sglang"):
+        load_config(None, ["algo.routing_replay=rollout", f"rollout.engine={engine}"])
+    with pytest.raises(ConfigError, match=r"algo\.routing_replay.*rollout\.engine is 'vllm'"):
+        load_config(None, ["algo.routing_replay=rollout", "rollout.engine=vllm"])
+    # training on dumped steps reads the routes from the dump, whatever the engine
+    load_config(None, ["algo.routing_replay=rollout", "rollout.engine=vllm", "run.replay_rollouts=dumped"])

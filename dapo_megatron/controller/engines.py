@@ -129,7 +129,16 @@ def sglang_server_options(cfg: Config, *, host: str, api_key: Optional[str]) -> 
         model_path=cfg.model.hf_path, host=host, tp=r.engine_tensor_parallel, mem_fraction_static=r.mem_fraction_static,
         device=sglang_device(cfg), enable_memory_saver=r.mode == "colocated", api_key=api_key, seed=r.seed,
         max_total_tokens=r.sglang_max_total_tokens, extra=("--load-format", "dummy"),
+        return_routed_experts=cfg.algo.routing_replay == "rollout",
     )  # fmt: skip
+
+
+def _routing_topk(cfg: Config) -> Optional[int]:
+    """Experts per token of the MoE model when the run replays the engine's routing (R3), else None:
+    the SGLang adapter needs it to decode the routed-expert ids the servers return."""
+    if cfg.algo.routing_replay != "rollout":
+        return None
+    return int(read_hf_config(cfg.model.hf_path)["num_experts_per_tok"])
 
 
 def _transport(cfg: Config) -> str:
@@ -169,7 +178,8 @@ def _local_sglang_fleet(cfg: Config, run_dir: str) -> Any:
                              log_dir=os.path.join(run_dir, "logs"))  # fmt: skip
     fleet.start(timeout_s=r.server_start_timeout_s)
     return SGLangEngine(fleet.base_url, worker_urls=fleet.worker_urls, engine_tp=r.engine_tensor_parallel,
-                        api_key=opts.api_key, transport=_transport(cfg), owner=fleet)  # fmt: skip
+                        api_key=opts.api_key, transport=_transport(cfg), owner=fleet,
+                        routing_topk=_routing_topk(cfg))  # fmt: skip
 
 
 def _sglang_from_placement(cfg: Config, path: str, run_dir: str) -> Any:
@@ -192,4 +202,5 @@ def _sglang_from_placement(cfg: Config, path: str, run_dir: str) -> Any:
     for url in [*(f"{w}/health" for w in workers), f"{router}/readiness"]:
         wait_http_ok(url, timeout_s=max(1.0, deadline - time.monotonic()), headers=headers)
     return SGLangEngine(router, worker_urls=workers, engine_tp=cfg.rollout.engine_tensor_parallel,
-                        api_key=api_key, transport=_placement_transport(cfg, plan))  # fmt: skip
+                        api_key=api_key, transport=_placement_transport(cfg, plan),
+                        routing_topk=_routing_topk(cfg))  # fmt: skip

@@ -171,8 +171,9 @@ def check_weights_arrived(s: TrainingSession, stats: Dict[str, float]) -> None:
 
 def train_actor(s: TrainingSession, batch: StepShard) -> Dict[str, float]:
     m = s.actor.train_step(batch, temperature=s.cfg.rollout.temperature)
-    out = metrics_of("actor", m, keys=lambda k: not k.startswith("tis/"))
-    out.update({k: v for k, v in m.items() if k.startswith("tis/")})  # the off-policy IS metrics keep their own prefix
+    out = metrics_of("actor", m, keys=lambda k: not k.startswith(("tis/", "moe/")))
+    # the off-policy IS and MoE router metrics keep their own sections
+    out.update({k: v for k, v in m.items() if k.startswith(("tis/", "moe/"))})
     out["actor/tokens_per_s"] = out["actor/num_tokens"] / max(out["actor/time_total_s"], 1e-9)
     return out
 

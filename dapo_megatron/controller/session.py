@@ -167,7 +167,8 @@ class TrainingSession:
             return
         self.engines = build_engines(cfg, self.paths.root)
         sampling = SamplingParams(n=r.n_samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                  max_new_tokens=r.max_response_len, seed=r.seed)  # fmt: skip
+                                  max_new_tokens=r.max_response_len, seed=r.seed,
+                                  return_routed_experts=a.routing_replay == "rollout")  # fmt: skip
         self.rollout = StreamingRollout(
             self.engines, self.reward_fn, tokenizer_decode=self.decode, sampling=sampling,
             max_response_len=r.max_response_len, target_groups=r.prompts_per_step,

@@ -41,6 +41,7 @@ from dapo_megatron.megatron.batching import MicroBatch, MiniBatchPlan, plan_mini
 from dapo_megatron.megatron.dispatch import StepShard, dispatch_step, plan_step
 from dapo_megatron.megatron.loss_scaling import CALCULATE_PER_TOKEN_LOSS, scale_loss
 from dapo_megatron.megatron.moe_replay import check_replay_support, replay_scope
+from dapo_megatron.megatron.moe_stats import MoEStepStats
 from dapo_megatron.megatron.offload import StateOffloader, grad_tensors, model_tensors, optimizer_tensors
 from dapo_megatron.megatron.offpolicy import accumulate, is_metrics, is_weights, reduce_stats, stat_keys
 from dapo_megatron.megatron.optim import build_optimizer
@@ -122,6 +123,7 @@ class MegatronActor:
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         chunks = build_model_chunks(spec, topology, model_cfg, sequence_parallel=sequence_parallel)
         self._chunks = list(chunks)
+        self._moe_stats = MoEStepStats(self._chunks) if spec.moe is not None else None  # moe/* step metrics
         self._fixed_shapes = topology.vpp > 1
         # Every micro-batch's column count is padded to this (FP8 GEMM alignment, SP split; token_padding).
         self.seq_multiple = sequence_multiple(
@@ -514,6 +516,8 @@ class MegatronActor:
         """
         start = time.perf_counter()
         times: Dict[str, float] = {}
+        if self._moe_stats is not None:
+            self._moe_stats.reset()  # counts this step's training forwards only
         shard = batch if isinstance(batch, StepShard) else self.plan_step(batch)[self._dp()[0]]
         if shard.old_from == "recompute":
             self.fill_old_logprobs(shard, temperature=temperature)
@@ -524,7 +528,8 @@ class MegatronActor:
                 make = partial(self._policy_loss_func, plan=plan, temperature=temperature)
                 updates.append(self._update(plan, make, times))
         times["time_total_s"] = time.perf_counter() - start
-        return {**summarize_updates(updates, shard.num_tokens), **times}
+        moe = self._moe_stats.reduce() if self._moe_stats is not None else {}
+        return {**summarize_updates(updates, shard.num_tokens), **moe, **times}
 
     def sft_step(self, tokens: Tensor, loss_mask: Tensor) -> Dict[str, float]:
         """One supervised update: token-mean cross-entropy of ``tokens`` ``[B, T]`` where ``loss_mask``.

@@ -44,12 +44,19 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.observability.metric_names import (
+    MOE_AUX_LOSS,
+    MOE_DROPPED_TOKEN_FRAC,
+    MOE_EXPERT_LOAD_MAX,
+    MOE_EXPERT_LOAD_MIN,
+    MOE_KEYS,
+)
+
 AUX_LOSS_NAME = "load_balancing_loss"  # megatron-core's tracker key for the 'aux_loss' balancing type
-EXPERT_LOAD_MAX = "moe/expert_load_max"
-EXPERT_LOAD_MIN = "moe/expert_load_min"
-DROPPED_TOKEN_FRAC = "moe/dropped_token_frac"
-AUX_LOSS = "moe/aux_loss"
-KEYS = (EXPERT_LOAD_MAX, EXPERT_LOAD_MIN, DROPPED_TOKEN_FRAC, AUX_LOSS)
+# The keys this module reduces into (their meaning: observability/metric_names.py, one spelling).
+EXPERT_LOAD_MAX, EXPERT_LOAD_MIN = MOE_EXPERT_LOAD_MAX, MOE_EXPERT_LOAD_MIN
+DROPPED_TOKEN_FRAC, AUX_LOSS = MOE_DROPPED_TOKEN_FRAC, MOE_AUX_LOSS
+KEYS = MOE_KEYS
 
 
 def moe_routers(model_chunks: List[Any]) -> List[Any]:

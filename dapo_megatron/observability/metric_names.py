@@ -57,6 +57,13 @@ def staleness_count_key(lag: int) -> str:
     return count_key(lag)
 
 
+# Mixture of experts (MoE models: megatron.moe_stats, through MegatronActor.train_step).
+MOE_EXPERT_LOAD_MAX = "moe/expert_load_max"  # largest share of a layer's kept token->expert assignments (1/E: balanced)
+MOE_EXPERT_LOAD_MIN = "moe/expert_load_min"  # smallest such share
+MOE_DROPPED_TOKEN_FRAC = "moe/dropped_token_frac"  # assignments dropped by model.moe_capacity_factor / assignments
+MOE_AUX_LOSS = "moe/aux_loss"  # megatron's load-balancing loss (1.0: balanced); with model.moe_aux_loss_coeff > 0
+MOE_KEYS = (MOE_EXPERT_LOAD_MAX, MOE_EXPERT_LOAD_MIN, MOE_DROPPED_TOKEN_FRAC, MOE_AUX_LOSS)
+
 # Evaluation (logged only on evaluation steps).
 EVAL_ACC = "eval/acc"
 

@@ -13,6 +13,9 @@ layout can load it (checked against 0.16.1):
 * every linear layer of a layer also has an ``_extra_state`` ShardedObject (``None`` for the local
   spec) that loading requires.
 
+The routed experts of a MoE layer have keys of their own, described in
+:mod:`dapo_megatron.weights.expert_layout`, which defers to this module for every other tensor.
+
 Writing these pieces one tensor at a time (instead of from a built model) is what lets
 ``tools/convert_hf_to_megatron.py`` stream; reading them one layer at a time is what lets
 ``tools/convert_megatron_to_hf.py`` stream. Megatron is imported lazily, inside the functions.
@@ -37,22 +40,6 @@ EXTRA_STATE_MODULES = (
     "mlp.linear_fc2",
 )
 _LAYERS = "decoder.layers."
-
-
-def check_layout_supported(spec: Any) -> None:
-    """Raise ``ValueError`` for a model whose checkpoint layout this module does not describe.
-
-    Routed experts (MoE) are saved by megatron under their own keys
-    (``decoder.layers.mlp.experts.experts.linear_fc1.weight``, global shape ``[L, E, rows, cols]``,
-    gate/up pieces, per-expert ``_extra_state`` objects of shape ``[L, E]``), which the streaming
-    writer and reader here do not produce yet; refusing beats writing a checkpoint megatron cannot load.
-    """
-    moe = getattr(spec, "moe", None)
-    if moe is not None:
-        raise ValueError(
-            f"model_type={spec.model_type!r} ({moe.num_experts} experts): streaming conversion to and from megatron "
-            "dist checkpoints does not handle routed experts yet; train from the HF weights (model.hf_path) instead"
-        )
 
 
 def checkpoint_key(megatron_name: str) -> Tuple[str, Optional[int]]:

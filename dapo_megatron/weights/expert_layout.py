@@ -37,12 +37,11 @@ ATTENTION_LINEARS = ("self_attention.linear_proj", "self_attention.linear_qkv")
 def check_supported(spec: Any) -> None:
     """Raise ``ValueError`` for a spec whose checkpoint layout is not described here.
 
-    Dense specs defer to :func:`dist_layout.check_layout_supported`; MoE specs need routed experts
-    only (``mapping.check_spec`` already refuses shared experts) and ``E`` a positive count.
+    Dense specs are all described (:mod:`dist_layout`); MoE specs need routed experts only
+    (``mapping.check_spec`` already refuses shared experts) and ``E`` a positive count.
     """
     moe = getattr(spec, "moe", None)
     if moe is None:
-        dist_layout.check_layout_supported(spec)
         return
     mapping.check_spec(spec)
     if moe.num_experts < 1:
