@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 # reaches the same weights (the float reductions, and with them the warm-up, depend on the thread count).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ablation import BASE, prepare  # noqa: E402  (a sibling script, not a package)
+from ablation import BASE, _fmt, prepare  # noqa: E402  (a sibling script, not a package)
 
 
 def run_one(k: int, seed: int, paths: Dict[str, str], args: argparse.Namespace) -> str:
@@ -77,15 +77,6 @@ def summarize(run_dir: str, threshold: float) -> Dict[str, Optional[float]]:
         "generate_s_per_step": statistics.fmean(r.get("time/generate_s", 0.0) for r in steps),
         "staleness_mean": statistics.fmean(r.get("staleness/mean", 0.0) for r in steps),
     }
-
-
-def _fmt(values: List[Optional[float]], digits: int) -> str:
-    got = [v for v in values if v is not None]
-    if not got:
-        return "not reached"
-    spread = f" ± {statistics.stdev(got):.{digits}f}" if len(got) > 1 else ""
-    missing = f" ({len(values) - len(got)} of {len(values)} not reached)" if len(got) < len(values) else ""
-    return f"{statistics.fmean(got):.{digits}f}{spread}{missing}"
 
 
 def table(results: Dict[int, List[dict]], threshold: float) -> str:
