@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dapo_megatron.config_base import DTYPES, _check, _choice, _refuse
-from dapo_megatron.config_rules import expert_layout_problem
+from dapo_megatron.config_rules import expert_layout_problem, expert_tensor_problem
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,11 @@ class ParallelConfig:
         virtual_pipeline: model chunks per pipeline rank (interleaved schedule); 1 means off.
         context: context-parallel degree (CP).
         expert: expert-parallel degree (EP), for MoE models.
+        expert_tensor: expert-tensor-parallel degree (ETP), for MoE models: each routed expert's
+            linears are split over this many ranks, independently of ``tensor`` (megatron lays the
+            MoE layers out as ``tp-ep-dp-pp`` with ETP in the ``tp`` slot). ``0`` (default) means
+            "same as ``tensor``", megatron's own default. ``expert_tensor * expert * pipeline``
+            must divide the world size; a dense model refuses a value that differs from ``tensor``.
         sequence_parallel: Megatron sequence parallelism: norms, dropout and residuals hold ``T/tp``
             positions per TP rank. Needs ``tensor > 1`` and Transformer Engine layers (GPU):
             megatron-core's local (CPU) layer spec builds torch norms, which refuse it.
@@ -109,6 +114,7 @@ class ParallelConfig:
     virtual_pipeline: int = 1
     context: int = 1
     expert: int = 1
+    expert_tensor: int = 0
     sequence_parallel: bool = False
     world_size: int = 0
     use_distributed_optimizer: bool = False
@@ -123,6 +129,7 @@ class ParallelConfig:
             "parallel.virtual_pipeline",
             "an interleaved schedule needs parallel.pipeline > 1",
         )
+        _check(self.expert_tensor >= 0, "parallel.expert_tensor", "must be >= 0 (0 = same as parallel.tensor)")
         _check(self.world_size >= 0, "parallel.world_size", "must be >= 0 (0 = from the launcher)")
         _check(
             not self.sequence_parallel or self.tensor > 1,
@@ -138,3 +145,5 @@ class ParallelConfig:
             "the world size must be a multiple of it",
         )
         _refuse(expert_layout_problem(self.world_size, model_parallel, self.expert))
+        etp = self.expert_tensor or self.tensor
+        _refuse(expert_tensor_problem(self.world_size, etp, self.expert, self.pipeline))

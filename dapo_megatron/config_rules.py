@@ -57,6 +57,24 @@ def expert_layout_problem(world_size: int, model_parallel: int, expert: int) -> 
     )
 
 
+def expert_tensor_problem(world_size: int, expert_tensor: int, expert: int, pipeline: int) -> Optional[str]:
+    """Why the MoE layers' layout does not fit ``world_size``, or None.
+
+    megatron-core lays the MoE layers out as ``tp-ep-dp-pp`` with the expert-tensor-parallel
+    degree in the ``tp`` slot, and ``initialize_model_parallel`` requires ``world_size`` to be a
+    multiple of ``expert_tensor * expert * pipeline`` (the rest is the expert-data-parallel degree).
+    ``expert_tensor`` is the resolved degree (``parallel.expert_tensor`` or, when 0, ``tensor``);
+    ``world_size == 0`` (taken from the launcher) is skipped.
+    """
+    expert_model = expert_tensor * expert * pipeline
+    if world_size == 0 or world_size % expert_model == 0:
+        return None
+    return (
+        f"parallel.expert_tensor: {world_size} ranks cannot hold the MoE layers' expert_tensor*expert*pipeline = "
+        f"{expert_tensor}*{expert}*{pipeline} = {expert_model}; the world size must be a multiple of it"
+    )
+
+
 ROUTING_ENGINES = ("embedded", "sglang")  # engines that return routed experts (SamplingParams.return_routed_experts)
 
 

@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from dapo_megatron.config import ConfigError, ModelConfig
-from dapo_megatron.megatron.moe import MoESpec, moe_config_kwargs, moe_spec_from_hf, prepare_moe_build
+from dapo_megatron.megatron.moe import (
+    MoESpec,
+    check_expert_tensor,
+    moe_config_kwargs,
+    moe_spec_from_hf,
+    prepare_moe_build,
+)
 from dapo_megatron.parallel.topology import Topology, check_model_fits
 
 if TYPE_CHECKING:  # megatron-core is imported lazily, inside the functions that need it
@@ -350,6 +356,7 @@ def transformer_config(
         virtual_pipeline_model_parallel_size=topology.vpp if topology.vpp > 1 else None,
         context_parallel_size=topology.cp,
         expert_model_parallel_size=topology.ep,
+        expert_tensor_parallel_size=topology.etp,
         sequence_parallel=sequence_parallel,
         # Interleaved PP at pp=2 with batched p2p pairs sends wrongly on gloo (silently wrong grads);
         # unbatched p2p is exact everywhere, and on CPU speed does not matter.
@@ -370,6 +377,7 @@ def transformer_config(
 
 
 def _dispatcher_kwargs(spec: ModelSpec, topology: Topology, model_cfg: ModelConfig, impl: str) -> dict:
+    check_expert_tensor(spec.moe, topology.tp, topology.etp)
     # Dense models still name a dispatcher: megatron rejects its default (allgather) with variable lengths.
     moe = moe_config_kwargs(spec.moe, model_cfg, topology.ep, transformer_engine=impl == "transformer_engine")
     return moe or {"moe_token_dispatcher_type": "alltoall"}

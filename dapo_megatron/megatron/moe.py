@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from dapo_megatron.config import ConfigError
+from dapo_megatron.megatron import moe_gloo
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,28 @@ def moe_config_kwargs(moe: MoESpec | None, model_cfg: Any, ep: int, *, transform
     return kwargs
 
 
+def check_expert_tensor(moe: MoESpec | None, tp: int, etp: int) -> None:
+    """Raise ``ConfigError`` when ``parallel.expert_tensor`` (resolved: ``etp``) cannot apply.
+
+    A dense model has no routed experts, so an ETP other than ``tp`` (megatron's default, what
+    ``parallel.expert_tensor: 0`` means) would be silently meaningless: refused. For a MoE model
+    each expert's fc1 (gate and up, column-parallel) and fc2 (row-parallel) split
+    ``moe_intermediate_size`` over the ``etp`` ranks, so it must divide evenly.
+    """
+    if moe is None:
+        if etp != tp:
+            raise ConfigError(
+                f"parallel.expert_tensor: {etp} splits routed experts, but this model is dense (no num_experts "
+                f"in its HF config); leave it 0 (same as parallel.tensor={tp})"
+            )
+        return
+    if moe.ffn_hidden_size % etp:
+        raise ConfigError(
+            f"parallel.expert_tensor: {etp} ranks cannot split each expert's moe_intermediate_size="
+            f"{moe.ffn_hidden_size} evenly"
+        )
+
+
 def prepare_moe_build() -> None:
     """Run before building a MoE model's chunks: forget the routers of earlier builds in this process
     (megatron keeps every ``RouterReplay`` in a class-level list, in build order, and replay data is
@@ -126,7 +149,8 @@ def prepare_moe_build() -> None:
     Without CUDA: ``MoEAlltoAllTokenDispatcher.__init__`` creates ``torch.cuda.Stream()`` once per process (a
 
     class attribute) to overlap the token-count copy; without CUDA that constructor raises. The
-    copy is synchronous on CPU, so an object with the stream methods it calls is enough.
+    copy is synchronous on CPU, so an object with the stream methods it calls is enough; and the
+    dispatcher's unequal gathers over the expert-TP group go through :mod:`moe_gloo`.
     """
     from megatron.core.transformer.moe import token_dispatcher
     from megatron.core.transformer.moe.router_replay import RouterReplay
@@ -147,6 +171,8 @@ def prepare_moe_build() -> None:
     # The split sizes reach torch's all_to_all_single, which wants a sequence of ints; megatron makes
     # them numpy only in its device-to-host copy, which it skips for tensors already on the CPU.
     token_dispatcher.maybe_move_tensor_to_cpu = _as_host_value
+    # Expert tensor parallelism gathers unequal token counts over the expert-TP group; gloo needs help.
+    moe_gloo.install()
 
 
 def _as_host_value(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:

@@ -309,7 +309,7 @@ def rendezvous_store():
 
 
 def init_model_parallel(topology: Topology, *, seed: int, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
-    """Build megatron's TP/PP/CP/EP/DP groups for ``topology`` and seed the model-parallel RNGs.
+    """Build megatron's TP/PP/CP/EP/ETP/DP groups for ``topology`` and seed the model-parallel RNGs.
 
     Needs :func:`init_distributed` first; the process group's size must equal
     ``topology.world_size``. ``timeout_s`` bounds each collective of the new groups (megatron takes
@@ -330,6 +330,7 @@ def init_model_parallel(topology: Topology, *, seed: int, timeout_s: float = DEF
         virtual_pipeline_model_parallel_size=topology.vpp if topology.vpp > 1 else None,
         context_parallel_size=topology.cp,
         expert_model_parallel_size=topology.ep,
+        expert_tensor_parallel_size=topology.etp,
         distributed_timeout_minutes=timeout_s / 60.0,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -2,7 +2,9 @@
 
 The trainer world is split as ``world = tp * pp * cp * dp`` (megatron-core's order
 ``tp-cp-ep-dp-pp``); expert parallelism (EP) folds into the data-parallel ranks of the MoE layers,
-so ``dp`` must be a multiple of ``ep``. Virtual pipeline stages (``vpp``) split each pipeline rank's
+so ``dp`` must be a multiple of ``ep``. The MoE layers' own layout is megatron's ``tp-ep-dp-pp`` with
+the expert-tensor-parallel degree (ETP) in the ``tp`` slot, so ``etp * ep * pp`` must divide the
+world (megatron's rule in ``initialize_model_parallel``). Virtual pipeline stages (``vpp``) split each pipeline rank's
 layers into interleaved chunks and need ``pp > 1``.
 
 No ``torch.distributed`` here: everything is plain integers, tested without processes.
@@ -22,6 +24,7 @@ class _ParallelSection(Protocol):
     virtual_pipeline: int
     context: int
     expert: int
+    expert_tensor: int
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,12 @@ class Topology:
         vpp: model chunks per pipeline rank (interleaved schedule); 1 means off.
         cp: context-parallel degree.
         ep: expert-parallel degree (MoE); must divide ``dp``.
+        etp: expert-tensor-parallel degree (MoE): each routed expert's linears are split over
+            ``etp`` ranks. ``0`` (the default) means ``tp``, megatron's default; it is resolved in
+            ``__post_init__``, so a built ``Topology`` always holds the degree megatron gets.
 
-    Invariant: ``world_size == tp * pp * cp * dp`` with ``dp >= 1`` an integer.
+    Invariants: ``world_size == tp * pp * cp * dp`` with ``dp >= 1`` an integer;
+    ``world_size % (etp * ep * pp) == 0``.
     """
 
     world_size: int
@@ -45,9 +52,12 @@ class Topology:
     vpp: int = 1
     cp: int = 1
     ep: int = 1
+    etp: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "tp", "pp", "vpp", "cp", "ep"):
+        if self.etp == 0 and not isinstance(self.etp, bool):
+            object.__setattr__(self, "etp", self.tp)  # frozen: resolve "same as tp" once, here
+        for name in ("world_size", "tp", "pp", "vpp", "cp", "ep", "etp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Topology.{name} must be an integer >= 1, got {value!r}")
@@ -64,6 +74,12 @@ class Topology:
             raise ValueError(
                 f"Topology: expert parallelism ep={self.ep} must divide the data-parallel degree "
                 f"dp={dp} (world_size={self.world_size}, tp*pp*cp={model_parallel})"
+            )
+        expert_model = self.etp * self.ep * self.pp
+        if self.world_size % expert_model != 0:
+            raise ValueError(
+                f"Topology: world_size={self.world_size} is not divisible by etp*ep*pp = "
+                f"{self.etp}*{self.ep}*{self.pp} = {expert_model} (the MoE layers' layout)"
             )
 
     @property
@@ -86,13 +102,15 @@ class Topology:
             vpp=parallel_cfg.virtual_pipeline,
             cp=parallel_cfg.context,
             ep=parallel_cfg.expert,
+            etp=parallel_cfg.expert_tensor,
         )
 
     def describe(self) -> str:
-        """One line for logs, e.g. ``world=8 tp=2 pp=2 vpp=1 cp=1 ep=1 dp=2``."""
-        return (
-            f"world={self.world_size} tp={self.tp} pp={self.pp} vpp={self.vpp} cp={self.cp} ep={self.ep} dp={self.dp}"
-        )
+        """One line for logs, e.g. ``world=8 tp=2 pp=2 vpp=1 cp=1 ep=1 dp=2`` (``etp=N`` added
+        before ``dp`` when it differs from ``tp``)."""
+        etp = f" etp={self.etp}" if self.etp != self.tp else ""
+        head = f"world={self.world_size} tp={self.tp} pp={self.pp} vpp={self.vpp} cp={self.cp} ep={self.ep}"
+        return f"{head}{etp} dp={self.dp}"
 
 
 def check_model_fits(topology: Topology, *, num_layers: int, num_attention_heads: int, num_query_groups: int) -> None:

@@ -1,0 +1,58 @@
+"""Rank functions for the expert-tensor-parallel (ETP) tests (module level, so spawn can pickle them).
+
+Every ``*_case(rank, world_size, ...)`` runs inside :func:`tests.distributed_harness.run_distributed`.
+Layouts are ``(tp, pp, ep, etp)``. Each data-parallel rank forwards its own rows of the token batch,
+cut to its own length (rank ``r`` of ``dp`` takes rows ``r::dp`` and the first ``s - r``
+positions): at TP=1 and ETP=2 the two ranks of an expert-TP group hold different numbers of
+different tokens, which megatron's dispatcher gathers before the split expert MLPs and scatters
+back after, so equal inputs on every rank would hide a token sent to the wrong rank and equal
+counts would hide the uneven collectives (``dapo_megatron.megatron.moe_gloo``).
+"""
+
+from __future__ import annotations
+
+import torch
+from moe_cases import build, load_hf_into
+from weights_cases import as_bytes, forward_logits
+
+
+def init_etp_layout(world_size: int, tp: int, pp: int, ep: int, etp: int):
+    from dapo_megatron.parallel.init import init_model_parallel
+    from dapo_megatron.parallel.topology import Topology
+
+    topology = Topology(world_size, tp=tp, pp=pp, ep=ep, etp=etp)
+    init_model_parallel(topology, seed=1234)
+    return topology
+
+
+def etp_layouts_case(rank: int, world_size: int, hf_dir: str, layouts: list, tokens: torch.Tensor) -> bytes:
+    """Per layout: this rank's rows and length of ``tokens`` and their logits (training mode, loaded from
+    ``hf_dir`` by the mapping), the rank-0 gather (``iter_hf_weights``: a dict on rank 0, the names
+    elsewhere), this rank's per-stage gather, its role and megatron's expert-TP world size."""
+    from megatron.core import parallel_state as ps
+
+    from dapo_megatron.megatron.model import model_spec_from_hf
+    from dapo_megatron.parallel.init import init_distributed, shutdown
+    from dapo_megatron.weights.reshard import iter_hf_weights
+    from dapo_megatron.weights.stage_gather import iter_stage_hf_weights, stage_role
+
+    init_distributed()
+    spec = model_spec_from_hf(hf_dir)
+    results = []
+    for tp, pp, ep, etp in layouts:
+        topology = init_etp_layout(world_size, tp, pp, ep, etp)
+        chunks = build(spec, topology, training=True)
+        load_hf_into(chunks, spec, hf_dir)
+        dp_rank = ps.get_data_parallel_rank()
+        rows, length = torch.arange(tokens.shape[0])[dp_rank :: topology.dp], tokens.shape[1] - dp_rank
+        mine = tokens[rows, :length]
+        out = {"rows": rows, "length": length, "logits": forward_logits(chunks, mine, spec.vocab_size)}
+        gathered = list(iter_hf_weights(chunks, spec, topology))
+        out["rank0"] = dict(gathered) if rank == 0 else [n for n, _ in gathered]
+        out["stage"] = dict(iter_stage_hf_weights(chunks, spec, topology))
+        out["role"] = stage_role()
+        out["etp"] = ps.get_expert_tensor_parallel_world_size()
+        results.append(out)
+        ps.destroy_model_parallel()
+    shutdown()
+    return as_bytes(results)
