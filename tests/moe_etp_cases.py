@@ -56,3 +56,55 @@ def etp_layouts_case(rank: int, world_size: int, hf_dir: str, layouts: list, tok
         ps.destroy_model_parallel()
     shutdown()
     return as_bytes(results)
+
+
+# ----------------------------------------------------------------------------- DAPO step
+def _etp_actor_layouts(etp: int):
+    """Make tests.moe_train_cases build its actors on ``etp``-way expert tensor parallelism (TP=1):
+    its ``make_moe_actor`` looks ``init_layout`` up in its module at call time."""
+    import moe_train_cases
+
+    def init_layout(world: int, tp: int = 1, pp: int = 1, ep: int = 1):
+        return init_etp_layout(world, tp, pp, ep, etp)
+
+    moe_train_cases.init_layout = init_layout
+
+
+def train_world1(rank: int, world: int, hf_dir: str) -> dict:
+    """EP1 reference on one rank: initial weights, the batch with old log-probs, one DAPO step with
+    the aux loss on, and the same with a capacity factor (tests.moe_train_cases' ``_layout``)."""
+    import moe_train_cases as C
+    from actor_cases import with_old_logprobs
+
+    from dapo_megatron.parallel.init import init_distributed, shutdown
+
+    init_distributed()
+    try:
+        actor, spec, topology = C.make_moe_actor(hf_dir, world, 1)
+        out: dict = {"w_init": C.hf_weights(actor, spec, topology)}
+        batch = C.make_batch()
+        lp = actor.compute_logprobs(batch, temperature=C.TEMPERATURE)
+        C._teardown()
+        out["batch"] = batch = with_old_logprobs(batch, lp)
+        out["ep1"] = C._layout(hf_dir, world, 1, batch)
+        out["ep1_cap"] = C._layout(hf_dir, world, 1, batch, capacity=C.CAPACITY)
+        return out
+    finally:
+        shutdown()
+
+
+def train_etp(rank: int, world: int, hf_dir: str, batch, ep: int) -> dict:
+    """The same step at TP=1, ETP=2, EP ``ep`` on ``world`` ranks, with and without the capacity factor."""
+    import moe_train_cases as C
+
+    from dapo_megatron.parallel.init import init_distributed, shutdown
+
+    _etp_actor_layouts(2)
+    init_distributed()
+    try:
+        return {
+            "etp2": C._layout(hf_dir, world, ep, batch),
+            "etp2_cap": C._layout(hf_dir, world, ep, batch, capacity=C.CAPACITY),
+        }
+    finally:
+        shutdown()

@@ -104,3 +104,31 @@ def test_world4_etp2_with_ep2_and_with_pp2_matches_transformers(model):
         (True, 0), (False, 0), (True, 1), (False, 1)
     ]  # fmt: skip
     assert per_rank[2][0]["stage"] and all(".experts.2." in n or ".experts.3." in n for n in per_rank[2][0]["stage"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("world,ep", [(2, 1), (4, 2)])
+def test_dapo_step_at_etp2_matches_ep1(model, world, ep):
+    """One DAPO step (aux loss on; and with a capacity factor) at TP1 x ETP2 (x EP2 at world 4) gives
+    EP1's loss, grad norm, updated weights and moe/* statistics (test_moe_train's tolerances)."""
+    import moe_train_cases as C
+    from moe_etp_cases import train_etp, train_world1
+    from test_moe_train import LOSS_ABS_TOL, STAT_TOL, TOL, _rel, _report, _weights_rel
+
+    folder, _ = model
+    w1 = run_distributed(train_world1, 1, folder, timeout_s=600)[0]
+    runs = run_distributed(train_etp, world, folder, w1["batch"], ep, timeout_s=900)
+    keys = ("loss", "grad_norm", *C.MOE_KEYS)
+    for name, ref_name in (("etp2", "ep1"), ("etp2_cap", "ep1_cap")):
+        ref, got = w1[ref_name], runs[0][name]
+        for r in runs[1:]:
+            assert [r[name]["metrics"][k] for k in keys] == [got["metrics"][k] for k in keys], name
+        m, mr = got["metrics"], ref["metrics"]
+        loss_abs, gn_rel = abs(m["loss"] - mr["loss"]), _rel(m["grad_norm"], mr["grad_norm"])
+        w_rel, upd_rel = _weights_rel(got["w_after"], ref["w_after"], w1["w_init"])
+        stats = max(abs(m[k] - mr[k]) for k in C.MOE_KEYS)
+        _report(f"world {world} ep {ep} {name} vs {ref_name}", f"loss abs {loss_abs:.2e}, grad_norm rel {gn_rel:.2e}, "
+                f"weights rel {w_rel:.2e}, update rel {upd_rel:.2e}, moe stats max abs {stats:.2e}")  # fmt: skip
+        assert m["updates"] == 1 and m["skipped_updates"] == 0 and m["num_tokens"] == mr["num_tokens"]
+        assert loss_abs <= LOSS_ABS_TOL and gn_rel <= TOL and w_rel <= TOL and upd_rel <= TOL, name
+        assert stats <= STAT_TOL and torch.equal(got["last"]["counts"], ref["last"]["counts"]), name

@@ -32,6 +32,7 @@ from dapo_megatron.config import ConfigError, ModelConfig
 from dapo_megatron.megatron.moe import (
     MoESpec,
     check_expert_tensor,
+    mark_expert_params,
     moe_config_kwargs,
     moe_spec_from_hf,
     prepare_moe_build,
@@ -452,4 +453,6 @@ def build_model_chunks(
                 vp_stage=vp_stage,
             )
         )
+    if spec.moe is not None:
+        mark_expert_params(chunks, topology)
     return chunks

@@ -141,6 +141,26 @@ def check_expert_tensor(moe: MoESpec | None, tp: int, etp: int) -> None:
         )
 
 
+def mark_expert_params(chunks: list, topology: Any) -> None:
+    """Make megatron reduce routed experts' gradients over the expert-data-parallel group whenever
+    expert tensor parallelism differs from tensor parallelism.
+
+    megatron-core 0.16 marks expert weights ``allreduce=False`` (reduce over the expert-DP group,
+    optimizer and grad norm over the expert groups) only at expert parallelism > 1; at EP=1 they
+    are treated as dense weights, reduced over the dense DP group. That group holds copies of the
+    same shard only when ETP equals TP: at TP=1, ETP=2 it pairs the two halves of each expert, and
+    averaging them corrupts the update (measured: updated experts off by the size of the update
+    itself). Marking them as megatron does at EP > 1 makes DDP, the optimizer and the grad norm
+    use the expert groups, which are right at every EP.
+    """
+    if topology.etp == topology.tp:
+        return
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if ".mlp.experts." in name:
+                param.allreduce = False
+
+
 def prepare_moe_build() -> None:
     """Run before building a MoE model's chunks: forget the routers of earlier builds in this process
     (megatron keeps every ``RouterReplay`` in a class-level list, in build order, and replay data is
