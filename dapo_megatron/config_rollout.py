@@ -49,9 +49,10 @@ class RolloutConfig:
             sync to the end of generation), the trainer's parameters, Adam state and gradients wait
             in host memory (pinned on CUDA) and ``empty_cache`` returns their memory; they come back
             before the old-log-prob pass. Costs host RAM (about params + optimizer state per rank)
-            and two PCIe copies per step. Off by default for now: with SGLang engines, a checkpoint
-            step releases the engines right after a weight sync, and SGLang 0.5.23 refuses that
-            (its scheduler asserts it is idle and exits); the embedded engine is tested with it on.
+            and two PCIe copies per step. Off by default (an opt-in trade of host RAM and copies for
+            device memory); tested on with the embedded engine and with SGLang servers behind the
+            router (an SGLang engine pauses before each release: its scheduler exits on a release
+            that meets a running request).
         max_staleness: K, asynchronous DAPO (``rollout/producer.py``). 0 is the synchronous loop
             (generate, train, sync). K >= 1: while the actor trains step t, a producer keeps
             generating the groups of step t + 1 with the weights of step t - 1; at the weight sync

@@ -1,8 +1,11 @@
 """The training loop on real SGLang servers: `dapo-megatron train rollout.engine=sglang` for 5 steps, with
 the trainer's weights synced live into the servers before every rollout.
 
-* 1 trainer rank, colocated: the trainer starts one server and updates it with
-  ``update_weights_from_tensor`` (tensors shared through shared memory);
+* 1 trainer rank, colocated: the trainer starts two servers behind the router and updates them with
+  ``update_weights_from_tensor`` (tensors shared through shared memory); the trainer's state leaves
+  while they generate (``rollout.offload_trainer``) and checkpoint steps release them right after a
+  sync, so a release meets requests the end of a rollout just aborted (SGLang exits on a release
+  that is not idle: the engine pauses first);
 * 2 trainer ranks (TP=2, torchrun), disaggregated: two servers behind the real sglang-router, updated over
   a gloo broadcast group (``update_weights_from_distributed``, one flattened bucket per broadcast).
 
@@ -69,10 +72,14 @@ def _check_run(run_dir: Path, stdout: str, label: str):
     assert _servers_left(run_dir) == []
 
 
-def test_one_rank_colocated_trains_with_live_tensor_updates(assets, tmp_path):
+def test_one_rank_colocated_trains_with_live_tensor_updates_and_offload(assets, tmp_path):
     run_dir = tmp_path / "run"
-    stdout = _train(assets, run_dir, BIN, "rollout.mode=colocated")
-    _check_run(run_dir, stdout, "1 rank, colocated")
+    stdout = _train(assets, run_dir, BIN, "rollout.mode=colocated", "rollout.num_engines=2",
+                    "rollout.offload_trainer=true", "run.save_every=1", "run.eval_every=1")  # fmt: skip
+    _check_run(run_dir, stdout, "1 rank, colocated, 2 servers + router, trainer offloaded")
+    steps = [r for r in read_metrics(str(run_dir)) if r["step"] > 0]
+    assert all(r["memory/trainer_offloaded_gib"] > 0 for r in steps)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_000004", "step_000005"]
 
 
 def test_two_ranks_disaggregated_train_over_the_broadcast_group(assets, tmp_path):

@@ -215,17 +215,25 @@ class SGLangEngine:
         await self._control("POST", "/flush_cache")
 
     async def release_memory(self) -> None:
-        """Hand the weights and KV cache memory back (colocated); a second release is a no-op."""
+        """Hand the weights and KV cache memory back (colocated); a second release is a no-op.
+
+        Paused first: SGLang's scheduler asserts it is idle at a release and exits otherwise, and a
+        request aborted by the end of a rollout (or a router's straggler) may still be running when
+        the release arrives. ``pause_generation`` in ``abort`` mode returns only once nothing runs,
+        and holds new requests until :meth:`resume_memory` continues the engine."""
         if not self._released:
+            await self.pause()
             await self._control("POST", "/release_memory_occupation", api.release_memory_occupation())
             self._released = True
 
     async def resume_memory(self) -> None:
-        """Take the memory back. Only after a release: SGLang's scheduler dies (KeyError on the tag)
-        when asked to resume memory it never released."""
+        """Take the memory back and continue the engine paused by :meth:`release_memory`. Only after a
+        release: SGLang's scheduler dies (KeyError on the tag) when asked to resume memory it never
+        released."""
         if self._released:
             await self._control("POST", "/resume_memory_occupation", api.resume_memory_occupation())
             self._released = False
+            await self.resume()
 
     async def health(self) -> bool:
         """``/health_generate`` on ``base_url`` answers 200 within 10 s (never raises)."""
