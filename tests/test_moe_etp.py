@@ -4,7 +4,10 @@ Pure checks: the key's default (same as ``parallel.tensor``), megatron's layout 
 (``expert_tensor * expert * pipeline`` divides the world) in the config and in ``Topology``, and
 the model-build refusals (dense model, ``moe_intermediate_size`` not divisible). Multi-process
 (gloo): at TP=1 with ETP=2 (world 2; world 4 with EP=2 and with PP=2) the training-mode logits
-match transformers' and both weight gathers reproduce the HF state dict exactly.
+match transformers' and both weight gathers reproduce the HF state dict exactly; one DAPO step
+matches EP1's (loss, grad norm, updated weights, moe/* statistics); a converted checkpoint loads
+at ETP2 and the checkpoint saved there exports to exactly the live gather. Measured differences
+are printed with ``pytest -s`` (``[measured]``).
 """
 
 import pytest
@@ -132,3 +135,44 @@ def test_dapo_step_at_etp2_matches_ep1(model, world, ep):
         assert m["updates"] == 1 and m["skipped_updates"] == 0 and m["num_tokens"] == mr["num_tokens"]
         assert loss_abs <= LOSS_ABS_TOL and gn_rel <= TOL and w_rel <= TOL and upd_rel <= TOL, name
         assert stats <= STAT_TOL and torch.equal(got["last"]["counts"], ref["last"]["counts"]), name
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("world,ep", [(2, 1), (4, 2)])
+def test_etp2_loads_a_conversion_and_its_checkpoint_exports_to_the_live_gather(tmp_path, world, ep):
+    """The converted (EP1, ETP1) checkpoint loads strictly at TP1 x ETP2 (x EP2 at world 4) with the
+    source's logits; after a weight change, the checkpoint saved there has the converter's keys and
+    global shapes and exports to exactly the live gather, and transformers on the export gives the
+    trainer's logits."""
+    from megatron.core import dist_checkpointing
+    from moe_etp_cases import etp_checkpoint_case
+    from test_moe_convert import TOKENS as CONVERT_TOKENS
+    from test_moe_convert import _check_equal
+    from weights_cases import hf_state_dict, run_tool
+
+    paths = {k: str(tmp_path / k) for k in ("hf", "ckpt", "saved", "export")}
+    state = make_tiny_moe(paths["hf"], seed=3, norm_topk_prob=True)
+    done = run_tool("convert_hf_to_megatron.py", "--hf-dir", paths["hf"], "--out", paths["ckpt"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    args = (paths["hf"], paths["ckpt"], paths["saved"], CONVERT_TOKENS, ep)
+    ranks = [from_bytes(b) for b in run_distributed(etp_checkpoint_case, world, *args, timeout_s=600)]
+    want = hf_logits(paths["hf"], CONVERT_TOKENS)
+    assert len(ranks) == world
+    for r in ranks:
+        assert (r["loaded"] - want).abs().max().item() < LOGITS_ATOL
+    gathered = ranks[0]["gathered"]
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    assert not torch.equal(gathered[name], state[name])
+    shapes, converted_shapes = (
+        {k: tuple(v.global_shape) for k, v in dist_checkpointing.load_tensors_metadata(c).items()}
+        for c in (paths["saved"], paths["ckpt"])
+    )
+    assert shapes == converted_shapes
+    done = run_tool(
+        "convert_megatron_to_hf.py", "--ckpt", paths["saved"], "--hf-dir", paths["hf"], "--out", paths["export"]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    _check_equal(hf_state_dict(paths["export"]), gathered, "export of the ETP2 checkpoint")
+    got = hf_logits(paths["export"], CONVERT_TOKENS)
+    for r in ranks:
+        assert (got - r["trained"]).abs().max().item() < LOGITS_ATOL
