@@ -330,7 +330,8 @@ def transformer_config(
         raise ConfigError(
             f"parallel.tensor: a MoE model at tensor={topology.tp} needs parallel.sequence_parallel (megatron-core "
             "refuses MoE with tensor parallelism and without sequence parallelism in training), and sequence "
-            "parallelism needs Transformer Engine layers; use parallel.expert instead of parallel.tensor on CPU"
+            "parallelism needs Transformer Engine layers; on CPU keep parallel.tensor=1 and split the experts "
+            "with parallel.expert and/or parallel.expert_tensor"
         )
     dtype = _DTYPES[model_cfg.params_dtype]
     return TransformerConfig(
