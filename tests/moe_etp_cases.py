@@ -135,3 +135,22 @@ def etp_checkpoint_case(rank: int, world: int, hf_dir: str, ckpt: str, save_dir:
     _save_model_part(chunks, save_dir)
     shutdown()
     return as_bytes({"loaded": loaded, "trained": trained, "gathered": gathered if rank == 0 else None})
+
+
+# ----------------------------------------------------------------------------- routing replay
+def etp_replay_case(rank: int, world: int, hf_dir: str, tokens, ids) -> bytes:
+    """TP=1, ETP=``world``: logits without and with routing replay of ``ids`` (tests.moe_cases'
+    ``replay_case`` on expert-tensor-parallel experts)."""
+    from dapo_megatron.megatron.model import model_spec_from_hf
+    from dapo_megatron.megatron.moe_replay import replay_routing
+    from dapo_megatron.parallel.init import init_distributed, shutdown
+
+    init_distributed()
+    spec = model_spec_from_hf(hf_dir)
+    chunks = build(spec, init_etp_layout(world, 1, 1, 1, world))
+    load_hf_into(chunks, spec, hf_dir)
+    free = forward_logits(chunks, tokens, spec.vocab_size)
+    with replay_routing(chunks, ids):
+        replayed = forward_logits(chunks, tokens, spec.vocab_size)
+    shutdown()
+    return as_bytes({"free": free, "replayed": replayed})

@@ -6,8 +6,8 @@ the model-build refusals (dense model, ``moe_intermediate_size`` not divisible).
 (gloo): at TP=1 with ETP=2 (world 2; world 4 with EP=2 and with PP=2) the training-mode logits
 match transformers' and both weight gathers reproduce the HF state dict exactly; one DAPO step
 matches EP1's (loss, grad norm, updated weights, moe/* statistics); a converted checkpoint loads
-at ETP2 and the checkpoint saved there exports to exactly the live gather. Measured differences
-are printed with ``pytest -s`` (``[measured]``).
+at ETP2 and the checkpoint saved there exports to exactly the live gather; routing replay gives the
+rollout's log-probs. Measured differences are printed with ``pytest -s`` (``[measured]``).
 """
 
 import pytest
@@ -177,3 +177,22 @@ def test_etp2_loads_a_conversion_and_its_checkpoint_exports_to_the_live_gather(t
     got = hf_logits(paths["export"], CONVERT_TOKENS)
     for r in ranks:
         assert (got - r["trained"]).abs().max().item() < LOGITS_ATOL
+
+
+@pytest.mark.multiproc
+def test_routing_replay_at_etp2_gives_the_rollouts_logprobs(tmp_path):
+    """Routing replay (R3) at TP1 x ETP2 on a near-tie router: each rank's replayed log-probs are the
+    rollout's (HF forced to the rollout's experts), its free-routed ones are not."""
+    from moe_cases import hf_forced_logits, hf_rollout, make_near_tie_moe
+    from moe_etp_cases import etp_replay_case
+    from test_moe_replay import TOKENS as REPLAY_TOKENS
+    from test_moe_replay import _logprobs
+
+    folder = str(tmp_path / "near_tie")
+    make_near_tie_moe(folder, gap=1e-3)
+    ids = hf_rollout(folder, REPLAY_TOKENS, torch.bfloat16)
+    want = _logprobs(hf_forced_logits(folder, REPLAY_TOKENS, ids), REPLAY_TOKENS)
+    for r in (from_bytes(b) for b in run_distributed(etp_replay_case, 2, folder, REPLAY_TOKENS, ids, timeout_s=600)):
+        gaps = {k: (_logprobs(r[k], REPLAY_TOKENS) - want).abs().max().item() for k in ("free", "replayed")}
+        print(f"\n[measured] ETP2 routing replay, max |logprob - rollout logprob|: {gaps}")
+        assert gaps["replayed"] < 1e-5 and gaps["free"] > 1e-3, gaps
