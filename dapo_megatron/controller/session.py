@@ -66,9 +66,7 @@ def start_trainer(cfg: Config) -> tuple:
     env = init_distributed(timeout_s=p.collective_timeout_s)
     if p.world_size and p.world_size != env.world_size:
         raise ValueError(f"parallel.world_size={p.world_size} but the launcher started {env.world_size} ranks")
-    topology = Topology(
-        world_size=env.world_size, tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, cp=p.context, ep=p.expert
-    )
+    topology = Topology.from_config(p, env.world_size)
     init_model_parallel(topology, seed=cfg.model.seed, timeout_s=p.collective_timeout_s)
     actor = MegatronActor(
         spec, topology, model_cfg=cfg.model, optim_cfg=cfg.optim, train_cfg=cfg.train, algo_cfg=cfg.algo,

@@ -39,7 +39,7 @@ def plan_from_config(cfg: Any, shape: mp.ModelShape, world: int, gpu_mem: float,
     layout = mp.Layout(
         tp=par.tensor, pp=par.pipeline, dp=world // model_parallel, cp=par.context, vpp=par.virtual_pipeline,
         sequence_parallel=par.sequence_parallel, distributed_optimizer=par.use_distributed_optimizer,
-        ep=par.expert, etp=getattr(par, "expert_tensor_parallel", 0) or 0,
+        ep=par.expert, etp=par.expert_tensor,
     )  # fmt: skip
     seq = ro.max_prompt_len + ro.max_response_len
     packed = train.max_tokens_per_microbatch > 0
