@@ -24,6 +24,12 @@ def train_side_case(rank: int, world_size: int, hf_dir: str, ckpt: str, save_dir
     """World of ``ep`` ranks at EP = world: load the converted ``ckpt`` as the trainer does (strict
     dist-checkpoint load), take logits; perturb the weights, take logits and the rank-0 HF gather
     (``iter_hf_weights``), and save the model part at this EP to ``save_dir``."""
+    return checkpoint_round(rank, hf_dir, ckpt, save_dir, tokens, lambda: init_layout(world_size, ep=world_size))
+
+
+def checkpoint_round(rank: int, hf_dir: str, ckpt: str, save_dir: str, tokens: torch.Tensor, layout) -> bytes:
+    """The steps of :func:`train_side_case` in the parallel layout ``layout()`` returns (a Topology,
+    megatron initialised for it): tests/moe_etp_cases runs them at expert tensor parallelism 2."""
     from megatron.core import parallel_state as ps
 
     from dapo_megatron.megatron.model import model_spec_from_hf
@@ -32,7 +38,7 @@ def train_side_case(rank: int, world_size: int, hf_dir: str, ckpt: str, save_dir
 
     init_distributed()
     spec = model_spec_from_hf(hf_dir)
-    topology = init_layout(world_size, ep=world_size)
+    topology = layout()
     chunks = build(spec, topology)
     load_model_part(chunks, ckpt)
     loaded = forward_logits(chunks, tokens, spec.vocab_size)

@@ -115,26 +115,9 @@ def etp_checkpoint_case(rank: int, world: int, hf_dir: str, ckpt: str, save_dir:
     """At TP=1, ETP=2, EP ``ep``: load the converted ``ckpt`` strictly (megatron's sharded state
     dict cuts each expert for this expert-TP rank), take logits; perturb, take logits and the
     rank-0 HF gather, and save the model part to ``save_dir`` (tests.moe_convert_cases' steps)."""
-    from megatron.core import parallel_state as ps
-    from moe_convert_cases import perturb
-    from weights_cases import _save_model_part, load_model_part
+    from moe_convert_cases import checkpoint_round
 
-    from dapo_megatron.megatron.model import model_spec_from_hf
-    from dapo_megatron.parallel.init import init_distributed, shutdown
-    from dapo_megatron.weights.reshard import iter_hf_weights
-
-    init_distributed()
-    spec = model_spec_from_hf(hf_dir)
-    topology = init_etp_layout(world, 1, 1, ep, 2)
-    chunks = build(spec, topology)
-    load_model_part(chunks, ckpt)
-    loaded = forward_logits(chunks, tokens, spec.vocab_size)
-    perturb(chunks, ps.get_expert_model_parallel_rank())
-    trained = forward_logits(chunks, tokens, spec.vocab_size)
-    gathered = dict(iter_hf_weights(chunks, spec, topology))
-    _save_model_part(chunks, save_dir)
-    shutdown()
-    return as_bytes({"loaded": loaded, "trained": trained, "gathered": gathered if rank == 0 else None})
+    return checkpoint_round(rank, hf_dir, ckpt, save_dir, tokens, lambda: init_etp_layout(world, 1, 1, ep, 2))
 
 
 # ----------------------------------------------------------------------------- routing replay
