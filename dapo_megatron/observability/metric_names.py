@@ -7,9 +7,6 @@ metric breaks loudly in one place instead of silently vanishing from a chart.
 
 from __future__ import annotations
 
-from dapo_megatron.algo.offpolicy import hist_key
-from dapo_megatron.algo.staleness import count_key
-
 # Rewards (per step, over every response of the step's training batch).
 REWARD_MEAN = "reward/mean"  # mean shaped sequence reward
 REWARD_ACC = "reward/acc"  # fraction of responses judged correct
@@ -40,21 +37,15 @@ TIS_CAPPED_FRAC = "tis/capped_frac"  # tokens whose weight was cut to algo.tis.c
 TIS_MASKED_FRAC = "tis/masked_frac"  # tokens zeroed by [mask_low, mask_high] (mask mode)
 TIS_KEYS = (TIS_WEIGHT_MEAN, TIS_WEIGHT_MAX, TIS_WEIGHT_MIN, TIS_CAPPED_FRAC, TIS_MASKED_FRAC)
 
-
-def tis_hist_key(lo: float, hi: float) -> str:
-    """Share of tokens whose raw weight lies in ``[lo, hi)``: ``tis/hist_<lo>_<hi>`` (``%g`` numbers;
-    the buckets are ``algo.offpolicy.hist_edges`` of the config)."""
-    return f"tis/{hist_key(lo, hi)}"  # the stat key algo.offpolicy produces, under the tis/ section
+# Also ``tis/hist_<lo>_<hi>``: share of tokens whose raw weight lies in ``[lo, hi)`` (``%g`` numbers,
+# the buckets of ``algo.offpolicy.hist_edges``; spelled by ``algo.offpolicy.hist_key``).
 
 
 # Staleness of an asynchronous step's samples (algo.staleness.StalenessHistogram.metrics()).
 STALENESS_MAX = "staleness/max"  # versions between the oldest item and the trained policy
 STALENESS_MEAN = "staleness/mean"
-
-
-def staleness_count_key(lag: int) -> str:
-    """Items generated ``lag`` versions before the trained policy: ``staleness/count_<lag>``."""
-    return count_key(lag)
+# Also ``staleness/count_<lag>``: items generated ``lag`` versions before the trained policy
+# (spelled by ``algo.staleness.count_key``).
 
 
 # Mixture of experts (MoE models: megatron.moe_stats, through MegatronActor.train_step).
