@@ -109,18 +109,27 @@ def _fmt(values: List[Optional[float]], digits: int = 3) -> str:
     return f"{mean:.{digits}f}{spread}{missing}"
 
 
-def table(results: Dict[str, List[dict]], threshold: float) -> str:
-    head = (f"| config | final held-out acc | steps to acc ≥ {threshold} | samples to threshold | "
-            "entropy (mean / last) | kept ratio |\n|---|---|---|---|---|---|\n")  # fmt: skip
+def spread_table(results: Dict, columns: List[tuple]) -> str:
+    """A markdown table, one row per ``results`` key (its runs: one summary dict per seed).
+    ``columns``: ``(header, cell)`` pairs, the first naming the key column; ``cell(col)`` formats
+    ``col``, each summary key mapped to its values over the seeds (with :func:`_fmt`)."""
+    head = "| " + " | ".join(h for h, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
     rows = []
     for name, runs in results.items():
         col = {k: [r[k] for r in runs] for k in runs[0]}
-        rows.append(
-            f"| {name} | {_fmt(col['final_acc'])} | {_fmt(col['steps_to_threshold'], 1)} | "
-            f"{_fmt(col['samples_to_threshold'], 0)} | {_fmt(col['entropy_mean'])} / {_fmt(col['entropy_last'])} | "
-            f"{_fmt(col['kept_ratio_mean'])} |"
-        )
+        rows.append("| " + " | ".join([str(name), *(cell(col) for _, cell in columns[1:])]) + " |")
     return head + "\n".join(rows) + "\n"
+
+
+def table(results: Dict[str, List[dict]], threshold: float) -> str:
+    return spread_table(results, [
+        ("config", None),
+        ("final held-out acc", lambda c: _fmt(c["final_acc"])),
+        (f"steps to acc ≥ {threshold}", lambda c: _fmt(c["steps_to_threshold"], 1)),
+        ("samples to threshold", lambda c: _fmt(c["samples_to_threshold"], 0)),
+        ("entropy (mean / last)", lambda c: f"{_fmt(c['entropy_mean'])} / {_fmt(c['entropy_last'])}"),
+        ("kept ratio", lambda c: _fmt(c["kept_ratio_mean"])),
+    ])  # fmt: skip
 
 
 def main() -> int:

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 # reaches the same weights (the float reductions, and with them the warm-up, depend on the thread count).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ablation import BASE, _fmt, prepare  # noqa: E402  (a sibling script, not a package)
+from ablation import BASE, _fmt, prepare, spread_table  # noqa: E402  (a sibling script, not a package)
 
 
 def run_one(k: int, seed: int, paths: Dict[str, str], args: argparse.Namespace) -> str:
@@ -80,18 +80,16 @@ def summarize(run_dir: str, threshold: float) -> Dict[str, Optional[float]]:
 
 
 def table(results: Dict[int, List[dict]], threshold: float) -> str:
-    head = (f"| K | held-out acc (start → end) | s to acc ≥ {threshold} | train wall s | generate s/step | "
-            "overlap / step | idle removed | staleness mean |\n|---|---|---|---|---|---|---|---|\n")  # fmt: skip
-    rows = []
-    for k, runs in results.items():
-        col = {key: [r[key] for r in runs] for key in runs[0]}
-        rows.append(
-            f"| {k} | {_fmt(col['start_acc'], 3)} → {_fmt(col['final_acc'], 3)} | "
-            f"{_fmt(col['seconds_to_threshold'], 0)} | {_fmt(col['train_wall_s'], 0)} | "
-            f"{_fmt(col['generate_s_per_step'], 2)} | {_fmt(col['overlap_frac'], 2)} | "
-            f"{_fmt(col['idle_removed'], 2)} | {_fmt(col['staleness_mean'], 2)} |"
-        )
-    return head + "\n".join(rows) + "\n"
+    return spread_table(results, [
+        ("K", None),
+        ("held-out acc (start → end)", lambda c: f"{_fmt(c['start_acc'], 3)} → {_fmt(c['final_acc'], 3)}"),
+        (f"s to acc ≥ {threshold}", lambda c: _fmt(c["seconds_to_threshold"], 0)),
+        ("train wall s", lambda c: _fmt(c["train_wall_s"], 0)),
+        ("generate s/step", lambda c: _fmt(c["generate_s_per_step"], 2)),
+        ("overlap / step", lambda c: _fmt(c["overlap_frac"], 2)),
+        ("idle removed", lambda c: _fmt(c["idle_removed"], 2)),
+        ("staleness mean", lambda c: _fmt(c["staleness_mean"], 2)),
+    ])  # fmt: skip
 
 
 def main() -> int:
