@@ -228,7 +228,8 @@ def test_retries_exhausted_fail_the_step():
 
 
 def test_all_engines_dead_fails_clearly():
-    with pytest.raises(RolloutFailed, match="no healthy rollout engine"):
+    why = "no healthy rollout engine left: engine 0: EngineDeadError: connection refused, then its health check failed"
+    with pytest.raises(RolloutFailed, match=why):
         run(rollout([FakeEngine({0: "mixed"}, dead=True)]), Source())
 
 

@@ -152,6 +152,8 @@ def test_launch_command_and_buckets():
     assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["PYTHONPATH"].endswith(":/x")
     assert not {"RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"} & set(env)  # a trainer rank's world is not the server's
     assert "SGLANG_USE_CPU_ENGINE" not in server_env("cuda", base={})
+    for device in ("cpu", "cuda"):  # the router's probe must not need a token (test_sglang_fleet.py shows why)
+        assert server_env(device, base={})["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "false"
     named = [(str(i), torch.zeros(10)) for i in range(5)]  # 40 bytes each
     assert [[n for n, _ in b] for b in _buckets(named, 100)] == [["0", "1"], ["2", "3"], ["4"]]
     assert [[n for n, _ in b] for b in _buckets([("big", torch.zeros(100))], 10)] == [["big"]]

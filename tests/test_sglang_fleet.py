@@ -1,11 +1,13 @@
-"""Two real SGLang servers behind the real sglang-router (the trainer's local fleet): one is SIGKILLed in
-the middle of a rollout step. The step completes on the survivor, and every group is accounted for
-exactly once (offered to the batch, or aborted when the batch was full); none is lost or doubled.
+"""Two real SGLang servers behind the real sglang-router (the trainer's local fleet). Released for the
+trainer, they stay in the router's rotation. Then one is SIGKILLed in the middle of a rollout step:
+the step completes on the survivor, and every group is accounted for exactly once (offered to the
+batch, or aborted when the batch was full); none is lost or doubled.
 
 The fleet is started by the shipped launcher and stopped by PID (process groups) in teardown."""
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -48,6 +50,33 @@ class CountingEngine(SGLangEngine):
     async def generate(self, prompt_ids, params, *, timeout_s):
         self.started += 1
         return await super().generate(prompt_ids, params, timeout_s=timeout_s)
+
+
+def test_workers_released_for_the_trainer_stay_in_the_routers_rotation(fleet):
+    """A colocated step holds the workers paused and released while the trainer works. The router
+    probes them every second with a 5 s timeout; a probe that needs a generated token fails on a paused
+    worker, and the router would answer the next rollout with 503 (seen in CI). Held longer than one
+    probe timeout, both workers stay healthy and the first request after the resume is served."""
+    engine = SGLangEngine(fleet.base_url, worker_urls=fleet.worker_urls, api_key="fleet-key")
+    hold_s = 8.0  # > the router's probe timeout (5 s) plus its interval (1 s)
+
+    async def go():
+        try:
+            await engine.release_memory()
+            seen, deadline = [], time.monotonic() + hold_s
+            while time.monotonic() < deadline:
+                workers = await asyncio.to_thread(fleet.router.workers)
+                seen.append(sorted(bool(w.get("is_healthy")) for w in workers.values()))
+                await asyncio.sleep(0.5)
+            await engine.resume_memory()
+            after = await engine.generate([3, 4, 5], SamplingParams(n=1, max_new_tokens=4), timeout_s=120)
+            return seen, after
+        finally:
+            await engine.shutdown()
+
+    seen, after = asyncio.run(go())
+    assert len(seen) >= 10 and all(s == [True, True] for s in seen), seen
+    assert len(after[0].token_ids) == 4
 
 
 def test_a_worker_killed_mid_step_loses_no_group(fleet):

@@ -119,6 +119,7 @@ class StreamingRollout(PartialRollouts):
         self.max_concurrency, self.request_timeout_s = max_concurrency, request_timeout_s
         self.max_retries, self.keep_surplus, self.restart_engine = max_retries, keep_surplus, restart_engine
         self.healthy = [True] * len(self.engines)
+        self._dropped_because: List[str] = []  # per dropped engine: the failure that led to its health check
         self.in_flight = [0] * len(self.engines)
         self.carry: List[Group] = []  # surplus kept for the next step (keep_surplus)
         self._next_gid = 0
@@ -161,7 +162,7 @@ class StreamingRollout(PartialRollouts):
                     return None
                 live = [i for i, ok in enumerate(self.healthy) if ok]
                 if not live:
-                    raise RolloutFailed("no healthy rollout engine left")
+                    raise RolloutFailed("no healthy rollout engine left: " + "; ".join(self._dropped_because))
                 free = [i for i in live if self.in_flight[i] < self._capacity(i)]
                 if free:
                     best = min(free, key=lambda i: (i in avoid, self.in_flight[i], i))
@@ -174,8 +175,9 @@ class StreamingRollout(PartialRollouts):
             self.in_flight[idx] -= 1
             self._cond.notify_all()
 
-    async def _check_engine(self, idx: int, engine: RolloutEngine) -> None:
-        """After ``engine`` (at ``idx``) failed: keep it if healthy, else restart it or drop it.
+    async def _check_engine(self, idx: int, engine: RolloutEngine, failure: str) -> None:
+        """After ``engine`` (at ``idx``) failed with ``failure``: keep it if healthy, else restart it or
+        drop it (``failure`` then joins the error of a rollout left with no engine).
 
         Several requests may fail on the same engine at once; the per-index lock plus the identity
         check make only the first of them probe, restart or drop it."""
@@ -192,6 +194,8 @@ class StreamingRollout(PartialRollouts):
                     self.engines[idx], ok = replacement, True
             async with self._cond:
                 self.healthy[idx] = ok
+                if not ok:
+                    self._dropped_because.append(f"{failure}, then its health check failed")
                 self._cond.notify_all()
 
     # ------------------------------------------------------------------ one group

@@ -153,7 +153,7 @@ class PartialRollouts:
             failed_on.add(idx)
             await self._release(idx)
             self.stats.retries += 1
-            await self._check_engine(idx, engine)  # EngineDeadError included: a restart may bring it back
+            await self._check_engine(idx, engine, errors[-1])  # EngineDeadError included: a restart may bring it back
             return idx, FAILED
         await self._release(idx)
         return idx, out

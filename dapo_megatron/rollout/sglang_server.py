@@ -100,14 +100,19 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP
 
 def server_env(device: str, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The server's environment: ``base`` (default ``os.environ``) without the trainer's launcher
-    variables, plus, on CPU, SGLang's CPU-engine switch, the shim first on PYTHONPATH, and the
-    preloaded allocator where the machine has it."""
+    variables, with ``/health`` as liveness only; on CPU also SGLang's CPU-engine switch, the shim
+    first on PYTHONPATH, and the preloaded allocator where the machine has it."""
     env = {
         k: v
         for k, v in (os.environ if base is None else base).items()
         if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")
     }
     env.setdefault("HF_HUB_OFFLINE", "1")  # the model folder is local; never reach for a hub
+    # The router probes each worker's /health every second. By default /health generates a token, and
+    # a worker paused or released for the trainer (colocated) generates nothing: the probe times out,
+    # the router drops every worker and answers the next rollout with 503 until two probes pass. So
+    # /health is liveness only; /health_generate (our readiness and failure checks) still generates.
+    env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] = "false"
     if device != "cpu":
         return env
     env["SGLANG_USE_CPU_ENGINE"] = "1"
