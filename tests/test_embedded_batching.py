@@ -49,9 +49,21 @@ def test_concurrent_groups_share_forward_passes():
     # One request alone takes a prefill and new - 1 decode steps; six together take about that many
     # decode steps, not six times (a request may join a step or two late).
     alone = new - 1
-    assert eng.prefill_passes == groups
     assert alone <= eng.forward_steps <= alone + groups, eng.forward_steps
     for (prompt, _), group in zip(reqs, out):  # batched log-probs are still the model's
+        for c in group:
+            ref = teacher_forced(eng.model, prompt, c.token_ids)
+            torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-5, rtol=0)
+
+
+def test_prompts_submitted_together_share_prefill_passes():
+    """Eight prompts of one padded width per prefill forward: nine short prompts (width 8) take two
+    passes, two longer ones (width 16) a third; each prompt's first log-prob is still the model's."""
+    eng = engine()
+    prompts = [[5 + i, 6, 7] for i in range(9)] + [[4] * 12, [9] * 10]
+    out = eng.generate_sync(prompts, SamplingParams(n=2, max_new_tokens=1, seed=3))
+    assert eng.prefill_passes == 3 and eng.forward_steps == 0  # one new token each: prefill only
+    for prompt, group in zip(prompts, out):
         for c in group:
             ref = teacher_forced(eng.model, prompt, c.token_ids)
             torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-5, rtol=0)

@@ -173,7 +173,7 @@ class EmbeddedEngine:
 
     @property
     def prefill_passes(self) -> int:
-        """Prompt prefills (one forward per request) run so far."""
+        """Prefill forwards (each up to ``embedded_cache.PREFILL_ROWS`` prompts) run so far."""
         return self._sched.prefills
 
     def _default_seed(self) -> int:
@@ -239,8 +239,7 @@ class EmbeddedEngine:
         while not self._gate.wait(_GATE_POLL_S):
             if aborted():
                 break
-        for req in reqs:
-            self._sched.submit(req)
+        self._sched.submit(reqs)
         for req in reqs:
             req.done.wait()
         return [self._completions(req) for req in reqs]
@@ -329,7 +328,7 @@ class EmbeddedEngine:
                 loop.call_soon_threadsafe(resolve)
 
         req.callbacks.append(wake)
-        self._sched.submit(req)
+        self._sched.submit([req])
         await done
         return self._completions(req)
 

@@ -4,6 +4,9 @@ Every decode step runs the model on ``input_ids [slots, 1]`` (one token per slot
 pad token at position 0), each layer writes the new key/value of slot ``s`` at ``write_pos[s]`` and
 attends over all ``width`` positions with a mask that lets slot ``s`` see positions ``0..write_pos[s]``.
 
+Prompts are prefilled up to :data:`PREFILL_ROWS` at a time, right-padded to a width fixed by their
+length (:func:`prefill_width`).
+
 Why fixed shapes: the step's GEMMs and attention always have the same shapes, whatever requests are
 in flight, so a row's numerics never depend on how many other rows share the batch (CPU GEMM kernels
 pick different blocking, and a one-row GEMM a different kernel, for different row counts; a wider
@@ -18,6 +21,19 @@ from typing import List
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+PREFILL_ROWS = 8  # prompts per prefill forward; a pass with fewer pads the rest (its shape is fixed)
+_MIN_PREFILL_WIDTH = 8
+
+
+def prefill_width(length: int, cap: int) -> int:
+    """The padded width of a ``length``-token prompt's prefill: the next power of two (at least 8),
+    at most the cache width ``cap``. A function of the prompt alone, so a prompt always runs in the same
+    shape; powers of two keep the padding under half of a pass."""
+    width = _MIN_PREFILL_WIDTH
+    while width < length:
+        width *= 2
+    return min(width, cap)
 
 
 class SlotLayer(CacheLayerMixin):
@@ -71,18 +87,35 @@ class SlotCache(Cache):
         self.slots, self.width = slots, width
         self._positions = torch.arange(width, device=device)
 
-    def prefill(self, model, prompt: List[int], slots: List[int]) -> Tensor:
-        """Run ``model`` on ``prompt`` alone (``[1, len]``, no padding), copy its keys/values into
-        positions ``0..len-1`` of every slot in ``slots``; returns the last position's logits ``[V]``."""
+    def prefill(self, model, prompts: List[List[int]], slots: List[List[int]], *, pad_id: int) -> Tensor:
+        """Run ``model`` once on up to :data:`PREFILL_ROWS` prompts of one :func:`prefill_width` ``W``, as
+        ``[PREFILL_ROWS, W]`` right-padded ids (empty rows are all padding), and copy prompt ``i``'s
+        keys/values into positions ``0..len_i-1`` of every slot in ``slots[i]``. Returns each prompt's
+        last-position logits ``[len(prompts), V]``.
+
+        Batch invariance, as in the decode step: the shapes are fixed by ``W`` alone, a causal model
+        never lets a position see the padding after it, and the head runs on all ``PREFILL_ROWS``
+        rows; so a prompt's logits and keys/values do not depend on the other prompts of its pass."""
         from transformers import DynamicCache
 
-        ids = torch.tensor([prompt], dtype=torch.long, device=self._positions.device)
+        lengths = [len(p) for p in prompts]
+        width = prefill_width(max(lengths), self.width)
+        if not 0 < len(prompts) <= PREFILL_ROWS or any(prefill_width(n, self.width) != width for n in lengths):
+            raise ValueError(f"prefill: 1..{PREFILL_ROWS} prompts of one padded width, got lengths {lengths}")
+        dev = self._positions.device
+        ids = torch.full((PREFILL_ROWS, width), pad_id, dtype=torch.long, device=dev)
+        last = torch.zeros(PREFILL_ROWS, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
+            last[i] = len(p) - 1
         own = DynamicCache(config=model.config)
-        logits = model(input_ids=ids, cache=own, use_cache=True, logits_to_keep=1).logits[0, -1]
-        rows = torch.tensor(slots, dtype=torch.long, device=ids.device)
+        hidden = model.get_decoder()(input_ids=ids, cache=own, use_cache=True).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[torch.arange(PREFILL_ROWS, device=dev), last])
         for layer, src in zip(self.slot_layers, own.layers):
-            layer.load(rows, src.keys, src.values)
-        return logits
+            for i, n in enumerate(lengths):
+                rows = torch.tensor(slots[i], dtype=torch.long, device=dev)
+                layer.load(rows, src.keys[i : i + 1, :, :n], src.values[i : i + 1, :, :n])
+        return logits[: len(prompts)]
 
     def step_inputs(self, positions: Tensor) -> Tensor:
         """Point every layer's writes at ``positions`` ``[slots]``; the boolean attention mask

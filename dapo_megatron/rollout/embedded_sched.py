@@ -1,15 +1,15 @@
 """Continuous batching for the embedded engine: one decode thread steps every request in flight.
 
-A newly admitted request is prefilled alone (one ``[1, prompt_len]`` forward, shared by its ``n`` rows:
-its keys/values are copied into the ``n`` slots and its last logits give each row's first token), and
-joins the next decode step. Each decode step is one forward pass over all ``slots`` rows of the
+Newly admitted requests are prefilled together, up to ``PREFILL_ROWS`` prompts of one padded width per
+forward (a prompt's keys/values are copied into its ``n`` slots and its last logits give each row's
+first token), and join the next decode step. Each decode step is one forward pass over all ``slots`` rows of the
 :class:`SlotCache` (``[slots, 1]`` tokens, each row its last sampled token). A finished row frees its
 slot at once; an aborted request leaves at the next step boundary with the tokens it has.
 
 Reproducibility: a request owns a ``torch.Generator`` seeded with its seed and draws ``n`` uniforms at
 its prefill and at each of its decode steps (one per row, finished rows included, so the stream
-depends only on the step count). The prefill sees only the request's own prompt, and the decode step
-and the sampler are row-wise with fixed shapes (see ``embedded_cache``). So a request's completions
+depends only on the step count). The prefill and the decode step run in shapes fixed by the request's
+own prompt length and the engine, and the sampler is row-wise (see ``embedded_cache``). So a request's completions
 depend on its prompt, parameters, seed and the weights, never on which other requests share the batch
 or when they arrived.
 
@@ -24,7 +24,7 @@ import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 
@@ -93,15 +93,16 @@ class Scheduler:
         self.free: List[int] = list(range(slots))
         self.loading = 0  # weight loads waiting or running: admission stops
         self.forwards = 0  # decode steps run (tests count them)
-        self.prefills = 0  # prompts prefilled
+        self.prefills = 0  # prefill forwards run (each up to PREFILL_ROWS prompts)
         self._cache: Any = None
         self._recorder: Any = None
         self._thread: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ called by the engine
-    def submit(self, req: Request) -> None:
+    def submit(self, reqs: List[Request]) -> None:
+        """Queue ``reqs`` together (so the decode thread can admit and prefill them in one go)."""
         with self.cv:
-            self.pending.append(req)
+            self.pending.extend(reqs)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="embedded-decode", daemon=True)
                 self._thread.start()
@@ -172,17 +173,33 @@ class Scheduler:
         return admitted
 
     def _prefill(self, admitted: List[Request]) -> None:
-        """Each new request alone: its prompt's keys/values into its slots, each row's first token."""
+        """The new requests' prompts, :data:`PREFILL_ROWS` of one padded width per forward: keys/values
+        into each request's slots, each row's first token."""
+        from dapo_megatron.rollout.embedded_cache import PREFILL_ROWS, prefill_width
+
+        by_width: Dict[int, List[Request]] = {}
         for req in admitted:
-            slots = [s for s in req.slots if s is not None]
-            with self.model_lock, self._record(req.params.return_routed_experts) as routes:
-                logits = self._slot_cache().prefill(self.engine.model, req.prompt, slots)
-                self.prefills += 1
-            req.prompt_routes = routes[0] if routes else None
-            tokens, chosen = _first_tokens(logits, req)
+            by_width.setdefault(prefill_width(len(req.prompt), self.width), []).append(req)
+        for reqs in by_width.values():
+            for start in range(0, len(reqs), PREFILL_ROWS):
+                self._prefill_pass(reqs[start : start + PREFILL_ROWS])
+
+    def _prefill_pass(self, reqs: List[Request]) -> None:
+        from dapo_megatron.rollout.embedded_cache import PREFILL_ROWS
+
+        slots = [[s for s in req.slots if s is not None] for req in reqs]
+        with self.model_lock, self._record(any(r.params.return_routed_experts for r in reqs)) as routes:
+            cache = self._slot_cache()
+            logits = cache.prefill(self.engine.model, [r.prompt for r in reqs], slots, pad_id=self.engine.pad_id)
+            self.prefills += 1
+        # Routes come flattened over the pass's [PREFILL_ROWS, W] tokens: prompt i owns row i's first len_i.
+        rows = routes[0].unflatten(0, (PREFILL_ROWS, -1)) if routes else None
+        for i, req in enumerate(reqs):
+            req.prompt_routes = rows[i, : len(req.prompt)].clone() if rows is not None else None
+            tokens, chosen = _first_tokens(logits[i], req)
             with self.cv:
                 req.fed = len(req.prompt)
-                self._record_rows(req, dict(zip(slots, zip(tokens, chosen))))
+                self._record_rows(req, dict(zip(slots[i], zip(tokens, chosen))))
                 self._complete_if_done(req)
 
     def _plan(self) -> Optional[Tuple[Any, ...]]:
