@@ -94,8 +94,9 @@ class SlotCache(Cache):
         last-position logits ``[len(prompts), V]``.
 
         Batch invariance, as in the decode step: the shapes are fixed by ``W`` alone, a causal model
-        never lets a position see the padding after it, and the head runs on all ``PREFILL_ROWS``
-        rows; so a prompt's logits and keys/values do not depend on the other prompts of its pass."""
+        never lets a position see the padding after it, and the head always runs on
+        ``PREFILL_ROWS x PREFILL_ROWS`` positions; so a prompt's logits and keys/values do not depend
+        on the other prompts of its pass."""
         from transformers import DynamicCache
 
         lengths = [len(p) for p in prompts]
@@ -109,13 +110,14 @@ class SlotCache(Cache):
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
             last[i] = len(p) - 1
         own = DynamicCache(config=model.config)
-        hidden = model.get_decoder()(input_ids=ids, cache=own, use_cache=True).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[torch.arange(PREFILL_ROWS, device=dev), last])
+        # The model's own head (softcapping and all) at the PREFILL_ROWS last positions of every row:
+        # logits [PREFILL_ROWS, PREFILL_ROWS, V], a fixed shape; prompt i's are at [i, i].
+        logits = model(input_ids=ids, cache=own, use_cache=True, logits_to_keep=last).logits
+        rows = [torch.tensor(s, dtype=torch.long, device=dev) for s in slots]
         for layer, src in zip(self.slot_layers, own.layers):
             for i, n in enumerate(lengths):
-                rows = torch.tensor(slots[i], dtype=torch.long, device=dev)
-                layer.load(rows, src.keys[i : i + 1, :, :n], src.values[i : i + 1, :, :n])
-        return logits[: len(prompts)]
+                layer.load(rows[i], src.keys[i : i + 1, :, :n], src.values[i : i + 1, :, :n])
+        return torch.stack([logits[i, i] for i in range(len(prompts))])
 
     def step_inputs(self, positions: Tensor) -> Tensor:
         """Point every layer's writes at ``positions`` ``[slots]``; the boolean attention mask

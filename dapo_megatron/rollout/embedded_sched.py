@@ -1,17 +1,18 @@
 """Continuous batching for the embedded engine: one decode thread steps every request in flight.
 
-Newly admitted requests are prefilled together, up to ``PREFILL_ROWS`` prompts of one padded width per
-forward (a prompt's keys/values are copied into its ``n`` slots and its last logits give each row's
-first token), and join the next decode step. Each decode step is one forward pass over all ``slots`` rows of the
-:class:`SlotCache` (``[slots, 1]`` tokens, each row its last sampled token). A finished row frees its
-slot at once; an aborted request leaves at the next step boundary with the tokens it has.
+Newly admitted requests are prefilled together, up to ``PREFILL_ROWS`` prompts of one padded width
+per forward (a prompt's keys/values are copied into its ``n`` slots and its last logits give each
+row's first token), and join the next decode step. Each decode step is one forward pass over all
+``slots`` rows of the :class:`SlotCache` (``[slots, 1]`` tokens, each row its last sampled token). A
+finished row frees its slot at once; an aborted request leaves at the next step boundary with the
+tokens it has.
 
 Reproducibility: a request owns a ``torch.Generator`` seeded with its seed and draws ``n`` uniforms at
 its prefill and at each of its decode steps (one per row, finished rows included, so the stream
-depends only on the step count). The prefill and the decode step run in shapes fixed by the request's
-own prompt length and the engine, and the sampler is row-wise (see ``embedded_cache``). So a request's completions
-depend on its prompt, parameters, seed and the weights, never on which other requests share the batch
-or when they arrived.
+depends only on the step count). The prefill and the decode step run in shapes fixed by the
+request's own prompt length and the engine, and the sampler is row-wise (see ``embedded_cache``). So
+a request's completions depend on its prompt, parameters, seed and the weights, never on which other
+requests share the batch or when they arrived.
 
 Locking: ``cv`` (a ``threading.Condition``) guards the queues, slots, ``loading`` and the request
 states; the forward runs outside it (under ``model_lock``) so submissions and aborts never wait for a
