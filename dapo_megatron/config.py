@@ -224,6 +224,10 @@ class DemoConfig:
     Fields:
         max_operand: operands are drawn from ``0..max_operand``.
         ops: operators of the arithmetic problems (``+``, ``-``, ``*``).
+        chain: operands per problem. 2: one operation, answered ``"Answer: <n>"`` (about 11 tokens).
+            3 or more: a sum (``ops`` must be ``["+"]``) that the warm-up teaches to work out left to
+            right, ``"12+7=19 19+5=24 Answer: 24"`` (about 9 tokens per step): responses long enough
+            for overlong shaping and clip-higher to act on (raise ``rollout.max_response_len``).
         num_train / num_eval: distinct training and held-out problems (disjoint sets).
         sft_steps / sft_lr / sft_batch_size: the warm-up: Adam steps of token-mean cross-entropy on
             the reference answers, with its own learning rate (DAPO then uses ``optim.lr``).
@@ -236,6 +240,7 @@ class DemoConfig:
 
     max_operand: int = 29
     ops: tuple = ("+",)
+    chain: int = 2
     num_train: int = 600
     num_eval: int = 200
     sft_steps: int = 300
@@ -260,7 +265,9 @@ class DemoConfig:
         _check(self.sft_steps >= 0, "demo.sft_steps", "must be >= 0")
         _check(self.sft_lr > 0, "demo.sft_lr", "must be > 0")
         _check(self.hidden_size % 32 == 0, "demo.hidden_size", "must be a multiple of 32 (head_dim 32)")
-        problems = (self.max_operand + 1) ** 2 * len(self.ops)
+        _check(self.chain >= 2, "demo.chain", "must be >= 2 (operands per problem)")
+        _check(self.chain == 2 or tuple(self.ops) == ("+",), "demo.chain", 'above 2 needs demo.ops=["+"] (a sum)')
+        problems = (self.max_operand + 1) ** self.chain * (len(self.ops) if self.chain == 2 else 1)
         _check(
             self.num_train + self.num_eval <= problems,
             "demo.num_train",

@@ -64,9 +64,10 @@ def write_assets(cfg: Config, root: str) -> DemoAssets:
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
     os.replace(tmp, assets.model_dir)
-    held_out = make_rows(d.num_eval, seed=cfg.data.seed + 1, max_operand=d.max_operand, ops=d.ops)
+    held_out = make_rows(d.num_eval, seed=cfg.data.seed + 1, max_operand=d.max_operand, ops=d.ops, chain=d.chain)
     exclude = {r["prompt"][0]["content"] for r in held_out}
-    train = make_rows(d.num_train, seed=cfg.data.seed, max_operand=d.max_operand, ops=d.ops, exclude=exclude)
+    train = make_rows(d.num_train, seed=cfg.data.seed, max_operand=d.max_operand, ops=d.ops, exclude=exclude,
+                      chain=d.chain)  # fmt: skip
     write_rows_parquet(held_out, assets.eval_file)
     write_rows_parquet(train, assets.train_file)
     return assets
@@ -95,13 +96,15 @@ def with_assets(cfg: Config, assets: DemoAssets, *, load: str = "") -> Config:
 
 
 def _sft_examples(cfg: Config, tokenizer: Any) -> List[Tuple[List[int], List[int]]]:
-    """``(prompt ids, answer ids)`` of every training row; the answer is ``"Answer: <n>"`` + eos."""
+    """``(prompt ids, answer ids)`` of every training row; the answer is
+    :func:`~dapo_megatron.controller.demo_task.worked_answer` + eos."""
+    from dapo_megatron.controller.demo_task import worked_answer
     from dapo_megatron.controller.prompts import load_prompts
 
     data, prompts = load_prompts(cfg.data.train_files, tokenizer, cfg)
     out = []
     for i, p in enumerate(prompts):
-        answer = tokenizer.encode(f"Answer: {data[i].ground_truth}", add_special_tokens=False)
+        answer = tokenizer.encode(worked_answer(data[i].problem_key, data[i].ground_truth), add_special_tokens=False)
         out.append((p, answer + [tokenizer.eos_token_id]))
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from typing import Dict, List, Sequence
 
 DEMO_CHARS = "0123456789+-*= Answer:"
@@ -97,8 +98,12 @@ def demo_moe_hf_config(vocab_size: int, *, hidden_size: int = 128, num_layers: i
     }
 
 
-def arithmetic_problem(rng: random.Random, max_operand: int, ops: Sequence[str]) -> tuple:
-    """One problem ``(text, answer)``; subtraction never goes negative, so answers are digits only."""
+def arithmetic_problem(rng: random.Random, max_operand: int, ops: Sequence[str], chain: int = 2) -> tuple:
+    """One problem ``(text, answer)``; subtraction never goes negative, so answers are digits only.
+    ``chain > 2``: a sum of ``chain`` operands (``ops`` must be ``("+",)``), worked out step by step."""
+    if chain > 2:
+        terms = [rng.randint(0, max_operand) for _ in range(chain)]
+        return "+".join(map(str, terms)), str(sum(terms))
     op = rng.choice(list(ops))
     a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
     if op == "-" and b > a:
@@ -107,16 +112,17 @@ def arithmetic_problem(rng: random.Random, max_operand: int, ops: Sequence[str])
     return f"{a}{op}{b}", str(value)
 
 
-def make_rows(n: int, *, seed: int, max_operand: int = 99, ops: Sequence[str] = ("+",), exclude=()) -> List[dict]:
+def make_rows(n: int, *, seed: int, max_operand: int = 99, ops: Sequence[str] = ("+",), exclude=(),
+              chain: int = 2) -> List[dict]:  # fmt: skip
     """``n`` distinct problems as DAPO-Math-17k rows; problems in ``exclude`` (texts) are skipped."""
     rng = random.Random(seed)
     seen = set(exclude)
     rows: List[dict] = []
-    limit = (max_operand + 1) ** 2 * len(ops)
+    limit = (max_operand + 1) ** chain * (len(ops) if chain == 2 else 1)
     if n > limit - len(seen):
         raise ValueError(f"make_rows: asked for {n} distinct problems but only {limit - len(seen)} exist")
     while len(rows) < n:
-        text, answer = arithmetic_problem(rng, max_operand, ops)
+        text, answer = arithmetic_problem(rng, max_operand, ops, chain)
         if text in seen:
             continue
         seen.add(text)
@@ -132,9 +138,26 @@ def make_rows(n: int, *, seed: int, max_operand: int = 99, ops: Sequence[str] = 
     return rows
 
 
+_CHAIN = re.compile(r"\d+(?:\+\d+){2,}")
+
+
+def worked_answer(problem: str, answer: str) -> str:
+    """The supervised response to ``problem``: ``"Answer: <answer>"``; for a chained sum (three or more
+    operands) the running sums come first, left to right: ``"12+7=19 19+5=24 Answer: 24"``."""
+    chains = _CHAIN.findall(problem)
+    if not chains:
+        return f"Answer: {answer}"
+    terms = [int(t) for t in chains[-1].split("+")]
+    steps, total = [], terms[0]
+    for term in terms[1:]:
+        steps.append(f"{total}+{term}={total + term}")
+        total += term
+    return " ".join(steps) + f" Answer: {answer}"
+
+
 def reference_response(row: dict) -> str:
-    """The supervised target for a row: the DAPO answer line (EOS is appended by the caller)."""
-    return f"Answer: {row['reward_model']['ground_truth']}"
+    """The supervised target for a row (EOS is appended by the caller)."""
+    return worked_answer(row["prompt"][-1]["content"], row["reward_model"]["ground_truth"])
 
 
 def write_rows_parquet(rows: List[dict], path: str) -> None:
