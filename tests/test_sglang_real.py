@@ -138,6 +138,31 @@ def test_pause_continue_and_memory_release_resume(fleet):
     assert paused.finish_reason == "abort" and len(after[0].token_ids) == 4 and healthy
 
 
+def test_memory_released_while_a_request_runs_keeps_the_server(fleet):
+    """The end of a colocated rollout: a release arrives while a request still decodes. The engine
+    pauses (the request comes back aborted), waits until the scheduler is idle, then releases; the
+    server survives and serves after the resume (SGLang exits on a release that is not idle)."""
+
+    async def go():
+        engine = engine_for(fleet)
+        try:
+            task = asyncio.ensure_future(
+                engine.generate(PROMPT, SamplingParams(n=2, max_new_tokens=3000), timeout_s=300)
+            )
+            await asyncio.sleep(2.0)
+            await engine.release_memory()
+            aborted = await asyncio.wait_for(task, 60)
+            await engine.resume_memory()
+            after = await engine.generate(PROMPT, SamplingParams(n=1, max_new_tokens=4), timeout_s=120)
+            return aborted, after
+        finally:
+            await engine.shutdown()
+
+    aborted, after = run(go())
+    assert [c.finish_reason for c in aborted] == ["abort", "abort"] and len(after[0].token_ids) == 4
+    assert all(s.alive() for s in fleet.servers)
+
+
 def _named(model_path):
     return sorted(load_file(str(next(Path(model_path).glob("*.safetensors")))).items())
 

@@ -44,6 +44,7 @@ from dapo_megatron.rollout.base import (
 _DEAD = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # abort_all follow-up: how often, and how far apart, requests still unanswered are aborted by id.
 _STRAGGLER_ROUNDS, _STRAGGLER_WAIT_S = 20, 0.25
+_IDLE_WAIT_S = 60  # a paused worker's scheduler finishes its aborted requests within this (see flush_cache)
 
 
 def _buckets(named: NamedTensors, bucket_bytes: int) -> List[List[Tuple[str, Tensor]]]:
@@ -212,17 +213,27 @@ class SGLangEngine:
         await self._control("POST", "/continue_generation", api.continue_generation())
 
     async def flush_cache(self) -> None:
-        await self._control("POST", "/flush_cache")
+        """Flush every worker's cache once its scheduler is idle (it waits up to ``_IDLE_WAIT_S``).
+
+        After ``pause_generation`` in ``abort`` mode the aborted requests may still be in a running
+        batch for a scheduler step or two: the pause returns when the tokenizer side is done, not the
+        scheduler. The deferred flush (SGLang's ``timeout``) succeeds only once the scheduler is idle,
+        so a memory release or a weight update after it never meets a running request (SGLang's
+        scheduler exits on a release that is not idle). A worker still busy at the deadline answers
+        400, which raises here instead."""
+        await self._control("POST", f"/flush_cache?timeout={_IDLE_WAIT_S}")
 
     async def release_memory(self) -> None:
         """Hand the weights and KV cache memory back (colocated); a second release is a no-op.
 
-        Paused first: SGLang's scheduler asserts it is idle at a release and exits otherwise, and a
-        request aborted by the end of a rollout (or a router's straggler) may still be running when
-        the release arrives. ``pause_generation`` in ``abort`` mode returns only once nothing runs,
-        and holds new requests until :meth:`resume_memory` continues the engine."""
+        Paused, then flushed, first: SGLang's scheduler asserts it is idle at a release and exits
+        otherwise, and a request aborted by the end of a rollout (or a router's straggler) may still
+        be running when the release arrives. ``pause_generation`` holds new requests until
+        :meth:`resume_memory` continues the engine; :meth:`flush_cache` waits until the scheduler
+        has finished the aborted ones."""
         if not self._released:
             await self.pause()
+            await self.flush_cache()  # waits until the scheduler is idle
             await self._control("POST", "/release_memory_occupation", api.release_memory_occupation())
             self._released = True
 
