@@ -92,14 +92,18 @@ def test_a_seeded_group_gives_each_sample_its_own_request(fleet):
     assert len(completions) == 3 and len({c.meta["id"] for c in completions}) == 3
 
 
+async def decoding(engine, n):
+    """A request of ``n`` long samples (no EOS in the model), given 2 s to be decoding."""
+    task = asyncio.ensure_future(engine.generate(PROMPT, SamplingParams(n=n, max_new_tokens=3000), timeout_s=300))
+    await asyncio.sleep(2.0)
+    return task
+
+
 def test_abort_all_returns_partial_tokens_and_leaves_nothing_running(fleet):
     async def go():
         engine = engine_for(fleet)
         try:
-            task = asyncio.ensure_future(
-                engine.generate(PROMPT, SamplingParams(n=2, max_new_tokens=3000), timeout_s=300)
-            )
-            await asyncio.sleep(2.0)
+            task = await decoding(engine, n=2)
             start = time.monotonic()
             await engine.abort_all()
             done = await asyncio.wait_for(task, 60)
@@ -119,10 +123,7 @@ def test_pause_continue_and_memory_release_resume(fleet):
     async def go():
         engine = engine_for(fleet)
         try:
-            task = asyncio.ensure_future(
-                engine.generate(PROMPT, SamplingParams(n=1, max_new_tokens=3000), timeout_s=300)
-            )
-            await asyncio.sleep(2.0)
+            task = await decoding(engine, n=1)
             await engine.pause()  # mode "abort": the running request comes back aborted
             [paused] = await asyncio.wait_for(task, 60)
             await engine.resume()
@@ -146,10 +147,7 @@ def test_memory_released_while_a_request_runs_keeps_the_server(fleet):
     async def go():
         engine = engine_for(fleet)
         try:
-            task = asyncio.ensure_future(
-                engine.generate(PROMPT, SamplingParams(n=2, max_new_tokens=3000), timeout_s=300)
-            )
-            await asyncio.sleep(2.0)
+            task = await decoding(engine, n=2)
             await engine.release_memory()
             aborted = await asyncio.wait_for(task, 60)
             await engine.resume_memory()
