@@ -155,11 +155,6 @@ def worked_answer(problem: str, answer: str) -> str:
     return " ".join(steps) + f" Answer: {answer}"
 
 
-def reference_response(row: dict) -> str:
-    """The supervised target for a row (EOS is appended by the caller)."""
-    return worked_answer(row["prompt"][-1]["content"], row["reward_model"]["ground_truth"])
-
-
 def write_rows_parquet(rows: List[dict], path: str) -> None:
     """Write rows to parquet atomically (temp file, then rename)."""
     import pyarrow as pa
