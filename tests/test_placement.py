@@ -232,23 +232,3 @@ def test_plan_cli_prints_the_table(tmp_path):
     cmd[cmd.index("rollout.num_engines=8")] = "rollout.num_engines=9"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "engines do not fit" in proc.stderr
-
-
-def test_colocated_weight_transport_across_nodes():
-    """Shared tensors reach only servers on trainer rank 0's node: one colocated node keeps them; CPU servers
-    on several nodes take the broadcast group; GPU servers on several nodes are refused with the reason."""
-    from types import SimpleNamespace
-
-    from dapo_megatron.controller.engines import _placement_transport
-
-    def transport(mode, nodes, device):
-        rollout = RolloutConfig(engine="sglang", mode=mode, sglang_device=device)
-        env = _slurm(nodes, 2 if "," in nodes else 1, 1, 0 if device == "cpu" else 8)
-        plan = plan_placement(env, rollout, ParallelConfig(), engine_nodes=1 if mode == "disaggregated" else None)
-        return _placement_transport(SimpleNamespace(rollout=rollout), plan)
-
-    assert transport("colocated", "n1", "cpu") == transport("colocated", "n1", "cuda") == "tensor"
-    assert transport("colocated", "n1,n2", "cpu") == "distributed"
-    assert transport("disaggregated", "n1,n2", "cpu") == transport("disaggregated", "n1,n2", "cuda") == "distributed"
-    with pytest.raises(ValueError, match=r"(?s)GPU servers on n2 besides trainer rank 0's node n1.*disaggregated"):
-        transport("colocated", "n1,n2", "cuda")

@@ -23,6 +23,7 @@ from test_slurm import GAP_BOUND, _job_env, _pids_with, _tail
 
 from dapo_megatron.observability.sinks import read_metrics
 from tests.sglang_real import SGLANG_PYTHON, needs_sglang
+from tests.test_weight_sync_stages import _stage_bytes
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +152,9 @@ def test_disaggregated_sbatch_two_trainer_nodes_one_engine_node(netns_cluster, a
 @pytest.mark.timeout(1500)  # the job may take 1200 s (below) on a loaded 2-core machine
 def test_multi_node_colocated_sbatch_tp2_across_two_nodes(netns_cluster, assets, tmp_path):  # noqa: F811
     """slurm/multi_node_colocated.sbatch on 2 namespace nodes: trainer TP2 across node1 and node2, one
-    SGLang CPU server on each node and the router on node1; every step's weights reach both servers."""
+    SGLang CPU server on each node and the router on node1; every step's weights reach both servers as
+    shared tensors from a rank on the server's own node (per-node senders: rank 0 feeds node1's server,
+    rank 1 node2's, each from its own TP all-gather), the whole model to each."""
     cluster = netns_cluster
     run_dir, job_id, plan, report = _run_job(cluster, assets, tmp_path, "multi_node_colocated.sbatch", nodes=2,
                                              port=29612, extra=("parallel.tensor=2",))  # fmt: skip
@@ -167,8 +170,23 @@ def test_multi_node_colocated_sbatch_tp2_across_two_nodes(netns_cluster, assets,
     assert not _slurmd_launches(cluster, "node3", job_id)  # a 2-node job: node3 stays out
     assert "tensor: 2" in (run_dir / "config.yaml").read_text()
     gaps = _check_steps(run_dir, report)
+    trainer_log = (run_dir / "logs" / "trainer-0.log").read_text()
+    assert "weight sync: per node, sender ranks [0, 1] feed the servers on their own node" in trainer_log, report()
+    model_bytes = _stage_bytes(str(assets / "model"), 1)[0]
+    for r in read_metrics(str(run_dir)):
+        if r["step"] > 0:  # each node's sender sent the whole model to its own server
+            assert (r["sync/senders"], r["sync/bytes_stage0"]) == (2, 2 * model_bytes), (r, report())
+    for e in plan["engines"]:
+        _check_tensor_route(run_dir, e["node"], report)
     _check_names_stay_inside(cluster)
     print(f"multi-node colocated sbatch (TP2 across node1+node2, SGLang CPU on each): gaps {gaps}")
+
+
+def _check_tensor_route(run_dir, node, report):
+    """``node``'s server took its weights as shared tensors, never over a broadcast group."""
+    text = "\n".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob(f"*{node}*.log"))
+    assert '"POST /update_weights_from_tensor HTTP' in text, report()
+    assert "update_weights_from_distributed" not in text, report()
 
 
 def test_namespace_nodes_run_one_job_and_leave_nothing_behind(tmp_path):

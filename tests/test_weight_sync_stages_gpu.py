@@ -9,7 +9,8 @@ handles, no copy). A separate consumer process - the colocated engine's side - o
 
 Proves: every bucket a stage sends arrives bit for bit through CUDA IPC while the sender keeps it
 alive, and the two stages together send every HF tensor of the model exactly once (stage 0 the
-embedding and its layers, stage 1 its layers and the final norm/head).
+embedding and its layers, stage 1 its layers and the final norm/head). The per-node variant: each rank
+is a sender holding the whole model (its own stage gathered, the other relayed to it on the GPU).
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ for line in sys.stdin:
 """
 
 
-def _stage_case(rank: int, world: int) -> dict:
+def _stage_case(rank: int, world: int, per_node: bool = False) -> dict:
     from dapo_megatron.config import ModelConfig
+    from dapo_megatron.controller.node_senders import NodeRole
     from dapo_megatron.megatron.model import build_model_chunks, model_spec_from_hf
     from dapo_megatron.parallel.init import init_distributed, init_model_parallel
     from dapo_megatron.parallel.topology import Topology
     from dapo_megatron.rollout.sglang_api import serialize_named_tensors
+    from dapo_megatron.weights.node_gather import iter_node_buckets
     from dapo_megatron.weights.reshard import bucketize
     from dapo_megatron.weights.stage_gather import iter_stage_hf_weights
     from dapo_megatron.weights.transports import tensor_checksum
@@ -57,7 +60,11 @@ def _stage_case(rank: int, world: int) -> dict:
     init_model_parallel(topology, seed=7)
     spec = model_spec_from_hf(HF)
     chunks = build_model_chunks(spec, topology, ModelConfig(params_dtype="bfloat16", transformer_impl="local"))
-    buckets = list(bucketize(iter_stage_hf_weights(chunks, spec, topology), 256 << 10))
+    if per_node:  # both ranks are senders on nodes without the other stage: relay over the pipeline group
+        role = NodeRole(gathers=True, relays=True, emits=True)
+        buckets = list(iter_node_buckets(chunks, spec, topology, role, 256 << 10))
+    else:
+        buckets = list(bucketize(iter_stage_hf_weights(chunks, spec, topology), 256 << 10))
     assert buckets and all(t.is_cuda for b in buckets for _, t in b)
     payloads = [serialize_named_tensors(b) for b in buckets]  # buckets stay alive until the consumer is done
     env = dict(os.environ, PYTHONPATH=os.getcwd())
@@ -81,3 +88,16 @@ def test_each_stage_sends_its_buckets_through_cuda_ipc():
         assert res["received"] == res["sent"]  # bit for bit, read from the sender's GPU memory
     assert "model.embed_tokens.weight" in stage0["names"] and "lm_head.weight" in stage1["names"]
     assert sorted(stage0["names"] + stage1["names"]) == sorted(hf_shapes(model_spec_from_hf(HF)))
+
+
+def test_per_node_senders_relay_the_other_stage_and_send_it_through_cuda_ipc():
+    """The per-node path at PP2: each rank receives the other stage over the pipeline group (gloo on
+    CUDA tensors here; NCCL in a run) and sends the whole model through CUDA IPC."""
+    from dapo_megatron.megatron.model import model_spec_from_hf
+    from dapo_megatron.weights.mapping import hf_shapes
+    from tests.distributed_harness import run_distributed
+
+    everything = sorted(hf_shapes(model_spec_from_hf(HF)))
+    for res in run_distributed(_stage_case, 2, True, timeout_s=600):
+        assert res["received"] == res["sent"]
+        assert sorted(res["names"]) == everything

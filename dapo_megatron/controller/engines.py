@@ -145,27 +145,6 @@ def _transport(cfg: Config) -> str:
     return "tensor" if cfg.rollout.mode == "colocated" else "distributed"
 
 
-def _placement_transport(cfg: Config, plan: Any) -> str:
-    """The weight transport for the planned servers. Shared tensors (CUDA IPC handles, shared-memory
-    files) only reach servers on the sender's machine, trainer rank 0's node. Colocated servers on
-    several nodes therefore take the broadcast group on CPU (gloo reaches every node). On GPUs that
-    group would put a trainer rank and the server sharing its GPU into one NCCL communicator, which
-    NCCL refuses, and per-node CUDA IPC is not built: refuse with the reason instead of failing in the
-    first sync."""
-    if _transport(cfg) != "tensor":
-        return _transport(cfg)
-    elsewhere = sorted({e.node for e in plan.engines} - {plan.trainer_nodes[0]})
-    if not elsewhere:
-        return "tensor"
-    if sglang_device(cfg) == "cpu":
-        return "distributed"
-    raise ValueError(
-        f"rollout.mode=colocated with SGLang GPU servers on {', '.join(elsewhere)} besides trainer rank 0's node "
-        f"{plan.trainer_nodes[0]}: colocated weights travel by CUDA IPC, which does not cross nodes, and "
-        "per-node sync is not implemented; run colocated on one node or use rollout.mode=disaggregated"
-    )
-
-
 def _local_sglang_fleet(cfg: Config, run_dir: str) -> Any:
     import sys
 
@@ -202,5 +181,5 @@ def _sglang_from_placement(cfg: Config, path: str, run_dir: str) -> Any:
     for url in [*(f"{w}/health" for w in workers), f"{router}/readiness"]:
         wait_http_ok(url, timeout_s=max(1.0, deadline - time.monotonic()), headers=headers)
     return SGLangEngine(router, worker_urls=workers, engine_tp=cfg.rollout.engine_tensor_parallel,
-                        api_key=api_key, transport=_placement_transport(cfg, plan),
+                        api_key=api_key, transport=_transport(cfg),
                         routing_topk=_routing_topk(cfg))  # fmt: skip

@@ -15,9 +15,11 @@ leader (pp stage ``s``, TP rank 0, DP rank 0; rank 0 leads stage 0) then opens i
   broadcast spanning both servers would then wait on each other forever. With a group per server a
   leader sends to all its servers at once and every server's current request always has its sender.
   The groups are created stage after stage (a barrier between), for the same reason.
-* ``tensor`` transport (colocated): the leader POSTs ``update_weights_from_tensor`` itself, the tensors
-  shared by CUDA IPC (GPU) or shared-memory files (CPU); this needs the leader on the servers' host,
-  so when any stage leader is on another host the run falls back to the gather to rank 0.
+* ``tensor`` transport (colocated): the sender POSTs ``update_weights_from_tensor`` itself, the tensors
+  shared by CUDA IPC (GPU) or shared-memory files (CPU), which reach only servers on the sender's node.
+  Every server on every stage leader's node: the leaders send. Else, every server on rank 0's node: the
+  gather to rank 0. Else (servers on several nodes): per-node senders
+  (:mod:`~dapo_megatron.controller.node_senders`), each node's servers fed by that node's own ranks.
 
 Only SGLang engines take this path. In-process engines (embedded, vLLM) live in rank 0's process, so
 their sync keeps gathering the model to rank 0 (:func:`~dapo_megatron.controller.weight_sync.push_weights`
@@ -30,7 +32,7 @@ import asyncio
 import socket
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -48,10 +50,11 @@ class StageLink:
     engines: List[Any] = field(default_factory=list)
     loop: Optional[asyncio.AbstractEventLoop] = None
     reason: str = ""
+    node: Optional[Any] = None  # per-node senders: this rank's NodeRole (controller/node_senders.py)
 
     def send_bucket(self, bucket: List[Any]) -> None:
-        """Leader: one bucket to every server at once (unstamped: rank 0 stamps the version at the end)."""
-        assert self.loop is not None and self.engines, "send_bucket is for stage leaders"
+        """Sender: one bucket to each of its servers at once (unstamped: rank 0 stamps the version at the end)."""
+        assert self.loop is not None and self.engines, "send_bucket is for senders"
 
         async def to_all() -> None:  # gather inside the coroutine: its futures belong to self.loop
             await asyncio.gather(*(e.load_bucket(bucket, None) for e in self.engines))
@@ -109,23 +112,63 @@ def connect_stage_link(engines: List[Any], *, backend: str, timeout_s: float = 3
     too: its single stage leader is rank 0, which then sends without the gather."""
     info = _share(_describe(engines, backend) if dist.get_rank() == 0 else None)
     role = stage_role()
-    hosts = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname() if role.leader else None)
-    if info["enabled"] and info["transport"] == "tensor" and any(h not in (None, info["host"]) for h in hosts):
-        info = {"enabled": False, "reason": "a stage leader is not on the servers' host: CUDA IPC cannot reach it"}
+    plan = None
+    if info["enabled"] and info["transport"] == "tensor":
+        info, plan = _tensor_route(info, role)
     link = StageLink(enabled=info["enabled"], role=role, reason=info.get("reason", ""))
     if dist.get_rank() == 0:  # say once which path the run's weight syncs take, and why
-        if link.enabled:
+        if plan is not None:
+            print(f"weight sync: per node, sender ranks {sorted(plan.senders)} feed the servers on their own "
+                  f"node (DP replicas {sorted(plan.replicas)} gather), tensor transport", flush=True)  # fmt: skip
+        elif link.enabled:
             print(f"weight sync: from each of {role.pp} pipeline stage(s) in parallel, {info['transport']} transport")
         else:
             print(f"weight sync: gathered to rank 0 ({link.reason})", flush=True)
     if not link.enabled:
+        return link
+    if plan is not None:
+        link.node = plan.role(_place(role, ()))
+        mine = [info["workers"][w] for w in plan.senders.get(dist.get_rank(), ())]
+        if mine:
+            _open_leader(link, {**info, "workers": mine}, role.stage, timeout_s)
         return link
     for stage in range(role.pp):  # one stage at a time: see the module docstring
         if role.leader and role.stage == stage:
             _open_leader(link, info, stage, timeout_s)
         dist.barrier()
     return link
+
+
+def _place(role: StageRole, servers: Any) -> Any:
+    from dapo_megatron.controller.node_senders import RankPlace
+
+    return RankPlace(rank=dist.get_rank(), stage=role.stage, replica=role.replica, tp_rank=role.tp_rank,
+                     servers=frozenset(servers))  # fmt: skip
+
+
+def _tensor_route(info: Dict[str, Any], role: StageRole) -> Tuple[Dict[str, Any], Any]:
+    """Collective: how shared tensors reach the servers (module docstring). Returns ``(info, plan)``:
+    the leaders' path (``plan`` None), the gather to rank 0 (``info`` disabled) or a per-node
+    :class:`~dapo_megatron.controller.node_senders.NodePlan`. Raises ``ValueError`` (on every rank) when
+    a server has no trainer rank on its node, or the per-node route would need expert parallelism."""
+    from dapo_megatron.controller.node_senders import plan_node_senders, server_is_local
+
+    workers = info["workers"]
+    local = [w for w, url in enumerate(workers) if server_is_local(url, info["host"])]
+    places = [None] * dist.get_world_size()
+    dist.all_gather_object(places, (_place(role, local), role.leader))
+    everywhere = frozenset(range(len(workers)))
+    if all(p.servers == everywhere for p, leader in places if leader):
+        return info, None
+    if places[0][0].servers == everywhere:
+        reason = "a stage leader is not on the servers' node: shared tensors cannot reach them"
+        return {"enabled": False, "reason": reason}, None
+    if role.ep != 1:
+        raise ValueError(
+            f"colocated weight sync: servers on several nodes take per-node senders, which need parallel.expert=1 "
+            f"(got {role.ep}); use rollout.mode=disaggregated for expert parallelism"
+        )
+    return info, plan_node_senders([p for p, _ in places], workers, role.pp)
 
 
 def _open_leader(link: StageLink, info: Dict[str, Any], stage: int, timeout_s: float) -> None:

@@ -5,9 +5,11 @@ Every trainer rank runs :func:`push_weights` (the gathers are collective). Two p
 * **per stage** (SGLang servers, with a :class:`~dapo_megatron.controller.stage_link.StageLink`): rank 0
   pauses and flushes the servers once and opens their update session; every pipeline stage's leader
   gathers its own TP shards and streams its own layers to the servers at the same time as the other
-  stages; every rank then reports what it sent (a small all-gather, the "done" barrier) and only then
-  rank 0 closes the session, stamps the version once and continues the servers. No tensor crosses
-  between stages, and no stage waits for another.
+  stages (colocated servers on several nodes: one rank on each server's node holding every layer, see
+  :mod:`~dapo_megatron.controller.node_senders`); every rank then reports what it sent (a small
+  all-gather, the "done" barrier) and only then rank 0 closes the session, stamps the version once
+  and continues the servers. On the leaders' path no tensor crosses between stages, and no stage
+  waits for another.
 * **gather to rank 0** (in-process engines, which live in rank 0's process, or no link): rank 0
   receives the whole model one tensor at a time and hands it to the engines one bucket at a time.
 
@@ -21,6 +23,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch.distributed as dist
 
+from dapo_megatron.weights.node_gather import iter_node_buckets
 from dapo_megatron.weights.reshard import bucketize, iter_hf_weights
 from dapo_megatron.weights.stage_gather import iter_stage_hf_weights
 
@@ -80,9 +83,10 @@ def push_per_stage(
     and its event-loop runner (``[]``/None elsewhere); ``link``: this rank's
     :class:`~dapo_megatron.controller.stage_link.StageLink`.
 
-    Returns on every rank ``sync/bytes`` (all stages), ``sync/bytes_stage<s>`` (what stage ``s``'s leader
-    sent), ``sync/seconds_stage<s>`` (its gather + send time) and ``sync/gb_per_s`` (total bytes over
-    the wall time from the pause to the version stamp, measured on rank 0). Raises on every rank,
+    Returns on every rank ``sync/bytes`` (all stages), ``sync/bytes_stage<s>`` (what stage ``s``'s
+    senders sent), ``sync/seconds_stage<s>`` (its slowest sender's gather + send time), ``sync/senders``
+    and ``sync/gb_per_s`` (total bytes over the wall time from the pause to the version stamp, measured
+    on rank 0). Raises on every rank,
     naming the stages, when a stage failed; the servers are then continued unstamped."""
     rank0 = dist.get_rank() == 0
     start = time.perf_counter()
@@ -92,13 +96,13 @@ def push_per_stage(
         raise RuntimeError(f"weight sync: the servers could not be paused for the update: {opened}")
     sent, error, t0 = 0, None, time.perf_counter()
     try:
-        for bucket in bucketize(iter_stage_hf_weights(actor.model_chunks, actor.spec, actor.topology), bucket_bytes):
-            if link.role.leader:
+        for bucket in _sender_buckets(actor, link, bucket_bytes):
+            if link.engines:
                 link.send_bucket(bucket)
                 sent += sum(t.numel() * t.element_size() for _, t in bucket)
     except Exception as e:  # reported to every rank below, so rank 0 can continue the servers unstamped
         error = f"{type(e).__name__}: {e}"
-    report = (link.role.stage, link.role.leader, sent, time.perf_counter() - t0, error)
+    report = (link.role.stage, bool(link.engines), sent, time.perf_counter() - t0, error)
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)  # every stage done (or failed) before the stamp
     failed = sorted({f"stage {s}: {err}" for s, _, _, _, err in reports if err})
@@ -107,14 +111,31 @@ def push_per_stage(
             run(engine.finish_weight_sync(version, ok=not failed))
     if failed:
         raise RuntimeError("weight sync failed on " + "; ".join(failed))
+    return _sync_metrics(reports, time.perf_counter() - start)
+
+
+def _sender_buckets(actor: Any, link: Any, bucket_bytes: int) -> Any:
+    """This rank's buckets: its stage's (stage leaders) or the whole model's (per-node senders)."""
+    if link.node is not None:
+        return iter_node_buckets(actor.model_chunks, actor.spec, actor.topology, link.node, bucket_bytes)
+    return bucketize(iter_stage_hf_weights(actor.model_chunks, actor.spec, actor.topology), bucket_bytes)
+
+
+def _sync_metrics(reports: Sequence[Any], elapsed: float) -> Dict[str, float]:
+    """Per stage, the bytes its senders sent (summed: EP leaders send disjoint experts, per-node senders
+    one copy per node) and the slowest sender's seconds; in all, the bytes, senders and GB/s."""
     out: Dict[str, float] = {}
-    for stage, leader, nbytes, seconds, _ in reports:
-        if leader:
-            out[f"sync/bytes_stage{stage}"] = float(nbytes)
-            out[f"sync/seconds_stage{stage}"] = float(seconds)
+    senders = 0
+    for stage, sender, nbytes, seconds, _ in reports:
+        if sender:
+            senders += 1
+            key = f"sync/bytes_stage{stage}"
+            out[key] = out.get(key, 0.0) + float(nbytes)
+            key = f"sync/seconds_stage{stage}"
+            out[key] = max(out.get(key, 0.0), float(seconds))
     total = sum(v for k, v in out.items() if k.startswith("sync/bytes_stage"))
-    elapsed = time.perf_counter() - start
-    out.update({"sync/bytes": total, "sync/gb_per_s": total / elapsed / 1e9 if elapsed > 0 else 0.0})
+    out.update({"sync/bytes": total, "sync/senders": float(senders),
+                "sync/gb_per_s": total / elapsed / 1e9 if elapsed > 0 else 0.0})  # fmt: skip
     return out
 
 
