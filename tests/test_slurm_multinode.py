@@ -1,9 +1,10 @@
 """Real multi-node SLURM: three nodes, each a network namespace with its own address and slurmd, one
 slurmctld (tests/slurm_netns.py). The shipped sbatch scripts run as a user submits them, with real SGLang
 CPU servers (marker ``sglang``): slurm/disaggregated.sbatch trains on two nodes (DP2, one rank per node)
-against an engine on the third, and slurm/multi_node_colocated.sbatch trains at TP2 across two nodes with
-an engine on each. Node names resolve only inside the namespaces, so every rendezvous, engine request and
-weight broadcast went between namespaces over the bridge.
+against an engine on the third, and slurm/multi_node_colocated.sbatch trains at TP2 or PP2 across two nodes
+with an engine on each, fed by the trainer rank on its own node. Node names resolve only inside the
+namespaces, so every rendezvous, engine request and weight broadcast went between namespaces over the
+bridge.
 """
 
 import contextlib
@@ -146,40 +147,54 @@ def test_disaggregated_sbatch_two_trainer_nodes_one_engine_node(netns_cluster, a
     print(f"multi-node disaggregated sbatch (DP2 on node1+node2, SGLang CPU on node3): gaps {gaps}")
 
 
+# The two 2-node colocated layouts: TP2 (each rank's TP all-gather leaves it the whole model) and PP2
+# (each rank gathers its stage and receives the other over the pipeline group, as at the 32B recipe).
+LAYOUTS = {"tp2": ("parallel.tensor=2", 29612), "pp2": ("parallel.pipeline=2", 29613)}
+
+
 @needs_sglang
 @pytest.mark.sglang  # real SGLang servers: tools/run_tests.sh runs these in its .venv-sglang pass
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the job may take 1200 s (below) on a loaded 2-core machine
-def test_multi_node_colocated_sbatch_tp2_across_two_nodes(netns_cluster, assets, tmp_path):  # noqa: F811
-    """slurm/multi_node_colocated.sbatch on 2 namespace nodes: trainer TP2 across node1 and node2, one
-    SGLang CPU server on each node and the router on node1; every step's weights reach both servers as
-    shared tensors from a rank on the server's own node (per-node senders: rank 0 feeds node1's server,
-    rank 1 node2's, each from its own TP all-gather), the whole model to each."""
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_multi_node_colocated_sbatch_on_two_nodes(netns_cluster, assets, tmp_path, layout):  # noqa: F811
+    """slurm/multi_node_colocated.sbatch on 2 namespace nodes, one trainer rank on each (TP2 or PP2
+    across node1 and node2), one SGLang CPU server on each node and the router on node1. Every step's
+    weights reach both servers as shared tensors from the rank on the server's own node (per-node
+    senders), the whole model to each; the nodes have separate /dev/shm, so a file shared to the other
+    node would not open."""
     cluster = netns_cluster
+    override, port = LAYOUTS[layout]
     run_dir, job_id, plan, report = _run_job(cluster, assets, tmp_path, "multi_node_colocated.sbatch", nodes=2,
-                                             port=29612, extra=("parallel.tensor=2",))  # fmt: skip
+                                             port=port, extra=(override,))  # fmt: skip
     assert plan["trainer_nodes"] == ["node1", "node2"] and plan["trainer_world_size"] == 2, plan
     assert sorted(e["node"] for e in plan["engines"]) == ["node1", "node2"], plan
     output = (tmp_path / f"dapo-colocated-{job_id}.out").read_text()
-    assert "master node1:29612, net eth0" in output, output
+    assert f"master node1:{port}, net eth0" in output, output
     for e in plan["engines"]:
         log = (run_dir / "logs" / f"engines-{e['node']}.log").read_text()
         assert f"{e['node']} serves ['http://{cluster.address(e['node'])}:{e['port']}']" in log, report()
     launched = {n: _slurmd_launches(cluster, n, job_id) for n in ("node1", "node2")}
     assert all(launched.values()), launched
     assert not _slurmd_launches(cluster, "node3", job_id)  # a 2-node job: node3 stays out
-    assert "tensor: 2" in (run_dir / "config.yaml").read_text()
+    key = override.split(".")[1].split("=")[0]
+    assert f"{key}: 2" in (run_dir / "config.yaml").read_text()
     gaps = _check_steps(run_dir, report)
     trainer_log = (run_dir / "logs" / "trainer-0.log").read_text()
     assert "weight sync: per node, sender ranks [0, 1] feed the servers on their own node" in trainer_log, report()
     model_bytes = _stage_bytes(str(assets / "model"), 1)[0]
+    # Each node's sender sent the whole model to its own server: at TP2 both senders are stage 0, at PP2
+    # one per stage (the bytes count under the sender's own stage).
+    per_stage = {"tp2": {"sync/bytes_stage0": 2 * model_bytes},
+                 "pp2": {"sync/bytes_stage0": model_bytes, "sync/bytes_stage1": model_bytes}}[layout]  # fmt: skip
     for r in read_metrics(str(run_dir)):
-        if r["step"] > 0:  # each node's sender sent the whole model to its own server
-            assert (r["sync/senders"], r["sync/bytes_stage0"]) == (2, 2 * model_bytes), (r, report())
+        if r["step"] > 0:
+            assert r["sync/senders"] == 2 and r["sync/bytes"] == 2 * model_bytes, (r, report())
+            assert {k: r[k] for k in per_stage} == per_stage, (r, report())
     for e in plan["engines"]:
         _check_tensor_route(run_dir, e["node"], report)
     _check_names_stay_inside(cluster)
-    print(f"multi-node colocated sbatch (TP2 across node1+node2, SGLang CPU on each): gaps {gaps}")
+    print(f"multi-node colocated sbatch ({layout} across node1+node2, SGLang CPU on each): gaps {gaps}")
 
 
 def _check_tensor_route(run_dir, node, report):
