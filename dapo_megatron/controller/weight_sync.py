@@ -86,8 +86,8 @@ def push_per_stage(
     Returns on every rank ``sync/bytes`` (all stages), ``sync/bytes_stage<s>`` (what stage ``s``'s
     senders sent), ``sync/seconds_stage<s>`` (its slowest sender's gather + send time), ``sync/senders``
     and ``sync/gb_per_s`` (total bytes over the wall time from the pause to the version stamp, measured
-    on rank 0). Raises on every rank,
-    naming the stages, when a stage failed; the servers are then continued unstamped."""
+    on rank 0). Raises on every rank, naming the stages, when a stage failed; the servers are then
+    continued unstamped."""
     rank0 = dist.get_rank() == 0
     start = time.perf_counter()
     opened = _begin_on_rank0(engines, run) if rank0 else None
