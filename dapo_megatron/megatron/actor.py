@@ -250,17 +250,20 @@ class MegatronActor:
         """Target-aligned ``[b, t]`` log-probs (and entropy or None) from the logits shard ``[b, t, V/tp]``."""
         from dapo_megatron.megatron.logprobs import token_logprobs_and_entropy
 
+        # Every position of the contiguous logits, each scored against the next token (the last one
+        # against a dummy, the row's first token, and dropped): ``logits[:, :-1]`` is not contiguous,
+        # so the kernel would walk it one sequence at a time, hundreds of tiny passes per micro-batch.
         lp, ent = token_logprobs_and_entropy(
-            logits[:, :-1],
-            mb.tokens[:, 1:],
+            logits,
+            torch.roll(mb.tokens, -1, dims=1),
             temperature=temperature,
             chunk_size=self.train_cfg.logprob_chunk_size,
             tp_group=self._ps.get_tensor_model_parallel_group(),
             compute_entropy=entropy,
             valid_vocab_size=self.spec.vocab_size,
         )
-        lp = F.pad(lp, (1, 0))
-        return lp, (F.pad(ent, (1, 0)) if entropy else None)
+        lp = F.pad(lp[:, :-1], (1, 0))
+        return lp, (F.pad(ent[:, :-1], (1, 0)) if entropy else None)
 
     def _run_schedule(self, plan: MiniBatchPlan, make_loss_func: Callable, *, forward_only: bool) -> None:
         """Run megatron's schedule over ``plan``; ``make_loss_func(mb)`` gives each loss_func.
