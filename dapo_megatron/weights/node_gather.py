@@ -6,7 +6,8 @@ says whether its replica gathers, whether its pipeline group relays and whether 
 
 With relaying (PP > 1) the stages go in order. During stage ``s``, the member of stage ``s`` in each
 relaying pipeline group converts its stage's tensors and broadcasts them bucket by bucket over that
-group: a header (tensor names, dtypes, shapes) and then each tensor, closed by an empty header. The
+group with the update groups' bucket format (:class:`~dapo_megatron.weights.transports.BroadcastSender`:
+a header of names, dtypes and shapes, then each tensor), closed by an empty bucket. The
 other members receive into fresh tensors on the model's device (NCCL on GPUs, gloo on CPU). Every rank
 walks the stages in the same order and a stage's TP all-gathers involve only that stage's ranks, so
 nothing waits in a cycle. Peak extra memory on a member: one bucket.
@@ -14,15 +15,13 @@ nothing waits in a cycle. Peak extra memory on a member: one bucket.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterator, List, Tuple
 
-import torch
 from torch import Tensor
 
-from dapo_megatron.weights.reshard import _Groups, bucketize, local_params
+from dapo_megatron.weights.reshard import _Groups, bucketize
 from dapo_megatron.weights.stage_gather import iter_stage_hf_weights
-from dapo_megatron.weights.transports import dtype_name, dtype_of
+from dapo_megatron.weights.transports import BroadcastReceiver, BroadcastSender
 
 Bucket = List[Tuple[str, Tensor]]
 
@@ -38,48 +37,20 @@ def iter_node_buckets(model_chunks: Any, spec: Any, topology: Any, role: Any, bu
             if role.emits:
                 yield bucket
         return
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    group, device = ps.get_pipeline_model_parallel_group(), _model_device(model_chunks)
+    group, device = ps.get_pipeline_model_parallel_group(), next(model_chunks[0].parameters()).device
     for stage in range(g.pp):
         src = g.stage_ranks[stage]
         if stage == g.pp_rank:
+            sender = BroadcastSender(group, device, src)
             for bucket in bucketize(own, bucket_bytes):
-                _send(bucket, src, group, device, dist)
+                sender.send_bucket(bucket, version=0)
                 if role.emits:
                     yield bucket
-            _send([], src, group, device, dist)  # the end of this stage
+            sender.send_bucket([], version=0)  # the end of this stage
             continue
-        while bucket := _receive(src, group, device, dist):
+        receiver = BroadcastReceiver(group, device, src)
+        while bucket := receiver.recv_bucket()[0]:
             if role.emits:
                 yield bucket
-
-
-def _model_device(model_chunks: Any) -> torch.device:
-    params = local_params(model_chunks, 0)
-    return next(iter(params.values())).device
-
-
-def _send(bucket: Bucket, src: int, group: Any, device: torch.device, dist: Any) -> None:
-    """Broadcast ``bucket`` from ``src``: the header's length, the header, then each tensor."""
-    metas = [[name, dtype_name(t.dtype), list(t.shape)] for name, t in bucket]
-    header = torch.frombuffer(bytearray(json.dumps(metas).encode()), dtype=torch.uint8).to(device)
-    dist.broadcast(torch.tensor([header.numel()], dtype=torch.int64, device=device), src=src, group=group)
-    dist.broadcast(header, src=src, group=group)
-    for _, t in bucket:
-        dist.broadcast(t.detach().to(device).contiguous(), src=src, group=group)
-
-
-def _receive(src: int, group: Any, device: torch.device, dist: Any) -> Bucket:
-    """What :func:`_send` broadcasts; an empty list ends the stage."""
-    n = torch.empty(1, dtype=torch.int64, device=device)
-    dist.broadcast(n, src=src, group=group)
-    header = torch.empty(int(n.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(header, src=src, group=group)
-    out = []
-    for name, dtype, shape in json.loads(bytes(header.cpu().numpy()).decode()):
-        t = torch.empty(tuple(shape), dtype=dtype_of(dtype), device=device)
-        dist.broadcast(t, src=src, group=group)
-        out.append((name, t))
-    return out

@@ -126,11 +126,12 @@ def create_update_group(
     return group
 
 
-def _broadcast(group: Any, t: Tensor) -> None:
-    """Group rank 0 sends ``t``, every other rank receives into it (in place)."""
+def _broadcast(group: Any, t: Tensor, src: int = 0) -> None:
+    """Global rank ``src`` sends ``t``, every other rank of ``group`` receives into it (in place). In
+    an update group (:func:`create_update_group`) global and group ranks coincide; its sender is 0."""
     import torch.distributed as dist
 
-    dist.broadcast(t, src=0, group=group)
+    dist.broadcast(t, src=src, group=group)
 
 
 def _header_tensor(metas: List[TensorMeta], version: int) -> Tensor:
@@ -139,14 +140,14 @@ def _header_tensor(metas: List[TensorMeta], version: int) -> Tensor:
 
 
 class BroadcastSender:
-    """Group rank 0 broadcasts each tensor in order. ``device``: where tensors go before the
-    broadcast (``cuda`` for NCCL)."""
+    """Rank ``src`` (0: an update group's sender) broadcasts each tensor in order. ``device``: where
+    tensors go before the broadcast (``cuda`` for NCCL)."""
 
-    def __init__(self, group, device: str = "cpu"):
-        self.group, self.device = group, device
+    def __init__(self, group, device: Any = "cpu", src: int = 0):
+        self.group, self.device, self.src = group, device, src
 
     def _bcast(self, t: Tensor) -> None:
-        _broadcast(self.group, t)
+        _broadcast(self.group, t, self.src)
 
     def send(self, named_tensors: NamedTensors) -> None:
         for _, t in named_tensors:
@@ -165,25 +166,25 @@ class BroadcastSender:
 
 
 class BroadcastReceiver:
-    """A non-zero rank of the update group: receives what :class:`BroadcastSender` sends."""
+    """A rank of the group other than ``src``: receives what :class:`BroadcastSender` sends."""
 
-    def __init__(self, group, device: str = "cpu"):
-        self.group, self.device = group, device
+    def __init__(self, group, device: Any = "cpu", src: int = 0):
+        self.group, self.device, self.src = group, device, src
 
     def recv(self, metas: Sequence[TensorMeta]) -> List[Tuple[str, Tensor]]:
         out = []
         for m in metas:
             t = torch.empty(m.shape, dtype=dtype_of(m.dtype), device=self.device)
-            _broadcast(self.group, t)
+            _broadcast(self.group, t, self.src)
             out.append((m.name, t))
         return out
 
     def recv_bucket(self) -> Tuple[List[Tuple[str, Tensor]], int]:
         """One bucket sent by :meth:`BroadcastSender.send_bucket`: ``(named_tensors, version)``."""
         n = torch.empty(1, dtype=torch.int64, device=self.device)
-        _broadcast(self.group, n)
+        _broadcast(self.group, n, self.src)
         header = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
-        _broadcast(self.group, header)
+        _broadcast(self.group, header, self.src)
         info = json.loads(bytes(header.cpu().numpy()).decode())
         metas = [TensorMeta(name, dtype, tuple(shape)) for name, dtype, shape in info["metas"]]
         return self.recv(metas), int(info["version"])
