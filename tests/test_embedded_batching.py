@@ -90,6 +90,45 @@ def test_a_request_is_bitwise_the_same_alone_and_in_a_batch(threads):
     assert len({tuple(c.token_ids) for c in alone}) == 3
 
 
+def test_a_step_computes_only_the_slots_up_to_the_highest_busy_one():
+    from dapo_megatron.rollout.embedded_cache import decode_shapes
+
+    assert decode_shapes(384) == [48, 96, 144, 192, 240, 288, 336, 384]
+    assert decode_shapes(32) == [8, 16, 24, 32] and decode_shapes(5) == [5] and decode_shapes(20) == [8, 16, 20]
+    eng = engine(slots=32)
+    eng.generate_sync([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=6, seed=1))  # slots 0 and 1
+    sched = eng._sched
+    assert sched._shapes[-1] == 32 and set(sched._shapes) <= {8, 16, 24, 32}
+    assert sched.forwards == 5 and sched.rows_decoded == 5 * sched._shapes[0] and sched.rows_busy == 10
+
+
+def test_the_shape_probe_keeps_only_shapes_that_give_every_row_the_same_bits():
+    from dapo_megatron.rollout.embedded_cache import SlotCache, batch_invariant_shapes
+
+    eng = engine(slots=32)
+
+    def cache():
+        return SlotCache(2, 32, 2, 64, 16, torch.float32, "cpu")
+
+    plain = batch_invariant_shapes(eng.model, cache(), 128)  # every rung where the kernels allow it
+    assert plain[-1] == 32 and set(plain) <= {8, 16, 24, 32}
+
+    class RowCountDependent(torch.nn.Module):
+        """A model whose logits move with the number of rows (what a kernel switch would do)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            rows = out.logits.shape[0]
+            out.logits = out.logits + (1e-6 if rows in (8, 24) else 0.0)
+            return out
+
+    assert batch_invariant_shapes(RowCountDependent(eng.model), cache(), 128) == [n for n in plain if n not in (8, 24)]
+
+
 def test_sample_rows_depends_only_on_the_rows_own_parameters():
     logp = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]] * 4), -1)
     u = torch.tensor([0.1, 0.5, 0.8, 0.97], dtype=torch.float64)

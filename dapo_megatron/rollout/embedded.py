@@ -8,11 +8,13 @@ untruncated distribution (``embedded_sampling``).
 
 Continuous batching (``embedded_sched``): one decode thread runs every request in flight together,
 one forward pass per step over a preallocated KV cache of ``max_batch_rows`` slots by ``max_seq_len``
-positions (``embedded_cache``); a new request is prefilled alone and joins at the next step, finished
+positions (``embedded_cache``), computing only the slots up to the highest busy one (rounded up to
+one of a few decode shapes); new requests are prefilled together and join at the next step, finished
 rows leave at once, an abort ends a request at the next step boundary with the tokens it has
 (``finish_reason="abort"``).
-The step's shapes never change, so a request's completions are bitwise the same whatever else is in
-flight: a run is reproducible at any concurrency.
+The decode shapes are the ones a start-up probe found to give every row the same bits, so a
+request's completions are bitwise the same whatever else is in flight: a run is reproducible at any
+concurrency.
 
 Weights: :meth:`EmbeddedEngine.update_weights_sync` stops admitting, waits until no request is active
 (the running ones finish, or the caller aborts them), loads, stamps the version and resumes; so every
@@ -69,8 +71,8 @@ def _eos_ids(config) -> Set[int]:
 
 
 def _default_slots(model: Any) -> int:
-    """Slots when none is given: up to 256, fewer for a bigger model (a step costs every slot's
-    forward, busy or not), at least 8."""
+    """Slots when none is given: up to 256, fewer for a bigger model (a full batch's step costs every
+    slot's forward), at least 8."""
     params = sum(p.numel() for p in model.parameters())
     return max(8, min(_MAX_SLOTS, _STEP_PARAM_BUDGET // max(1, params)))
 
@@ -84,7 +86,8 @@ class EmbeddedEngine:
         seed: initialises the random weights (before any update) and the default sampling seeds.
         device: torch device for the model.
         state_dict: optional HF-named initial weights (otherwise random init from ``seed``).
-        max_batch_rows: KV-cache slots, the rows decoded together (every step computes all of them);
+        max_batch_rows: KV-cache slots, the rows decoded together (a step computes those up to the
+            highest busy one);
             None: 256, fewer for models over ~0.5 M parameters. A request needs ``n`` free slots.
         max_seq_len: positions per slot (prompt + response); None: ``max_position_embeddings`` capped
             at 4096. A longer prompt is refused; a response reaching it ends with ``"length"``.

@@ -1,17 +1,21 @@
 """The embedded engine's preallocated KV cache: ``slots`` rows of a fixed ``width``, one per sequence.
 
-Every decode step runs the model on ``input_ids [slots, 1]`` (one token per slot; a free slot feeds a
-pad token at position 0), each layer writes the new key/value of slot ``s`` at ``write_pos[s]`` and
-attends over all ``width`` positions with a mask that lets slot ``s`` see positions ``0..write_pos[s]``.
+Every decode step runs the model on ``input_ids [rows, 1]`` for the first ``rows`` slots (one token per
+slot; a free slot feeds a pad token at position 0), each layer writes the new key/value of slot ``s``
+at ``write_pos[s]`` and attends over all ``width`` positions with a mask that lets slot ``s`` see
+positions ``0..write_pos[s]``. ``rows`` is one of a few fixed decode shapes (:func:`decode_shapes`):
+the smallest that covers every busy slot, so a step over a few requests does not pay for all slots.
 
 Prompts are prefilled up to :data:`PREFILL_ROWS` at a time, right-padded to a width fixed by their
 length (:func:`prefill_width`).
 
-Why fixed shapes: the step's GEMMs and attention always have the same shapes, whatever requests are
-in flight, so a row's numerics never depend on how many other rows share the batch (CPU GEMM kernels
-pick different blocking, and a one-row GEMM a different kernel, for different row counts; a wider
-attention changes the softmax's reduction order). A row's output is bitwise the same in any slot and
-next to any neighbours; ``tests/test_embedded_batching.py`` checks it end to end.
+Why fixed shapes: a row's numerics must never depend on how many other rows share the batch (CPU
+GEMM kernels may pick different blocking, and a one-row GEMM a different kernel, for different row
+counts; a wider attention changes the softmax's reduction order). The attention width is fixed, and
+the row counts are a fixed ladder whose rungs are accepted only after :func:`batch_invariant_shapes`
+found, on this machine's kernels, every row of a probe step bitwise equal in each of them and in the
+full ``slots`` step (otherwise every step runs all slots). A row's output is then bitwise the same in
+any slot, next to any neighbours; ``tests/test_embedded_batching.py`` checks it end to end.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 PREFILL_ROWS = 8  # prompts per prefill forward; a pass with fewer pads the rest (its shape is fixed)
 _MIN_PREFILL_WIDTH = 8
+_DECODE_RUNGS = 8  # decode shapes: slots split into this many rungs (each a multiple of 8 rows)
+
+
+def decode_shapes(slots: int) -> List[int]:
+    """The candidate decode row counts for ``slots`` slots, ascending, the last ``slots`` itself:
+    multiples of a step of ``slots / 8`` rows (rounded up to 8), so a step over ``k`` busy slots
+    computes at most one step's worth of idle rows past the last busy one."""
+    step = max(8, -(-slots // _DECODE_RUNGS // 8) * 8)
+    return sorted({min(slots, k) for k in range(step, slots + step, step)})
 
 
 def prefill_width(length: int, cap: int) -> int:
@@ -56,11 +69,13 @@ class SlotLayer(CacheLayerMixin):
         """Allocated up front (the shapes must never change)."""
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple:
-        """``key_states``/``value_states`` ``[slots, kv_heads, 1, head_dim]`` go to ``write_pos``; returns
-        the whole cache (the mask hides what a slot may not see)."""
-        self._k[self.rows, :, self.write_pos] = key_states[:, :, 0]
-        self._v[self.rows, :, self.write_pos] = value_states[:, :, 0]
-        return self._k, self._v
+        """``key_states``/``value_states`` ``[rows, kv_heads, 1, head_dim]`` of the first ``rows`` slots go
+        to ``write_pos`` ``[rows]``; returns those slots' whole cache (views; the mask hides what a slot
+        may not see)."""
+        rows = key_states.shape[0]
+        self._k[self.rows[:rows], :, self.write_pos] = key_states[:, :, 0]
+        self._v[self.rows[:rows], :, self.write_pos] = value_states[:, :, 0]
+        return self._k[:rows], self._v[:rows]
 
     def load(self, rows: Tensor, keys: Tensor, values: Tensor) -> None:
         """A prompt's ``keys``/``values`` ``[1, kv_heads, len, head_dim]`` into positions ``0..len-1`` of ``rows``."""
@@ -120,8 +135,36 @@ class SlotCache(Cache):
         return torch.stack([logits[i, i] for i in range(len(prompts))])
 
     def step_inputs(self, positions: Tensor) -> Tensor:
-        """Point every layer's writes at ``positions`` ``[slots]``; the boolean attention mask
-        ``[slots, 1, 1, width]`` (True: attend) that shows each slot its positions ``0..positions[s]``."""
+        """Point every layer's writes at ``positions`` ``[rows]`` (the first ``rows`` slots); the boolean
+        attention mask ``[rows, 1, 1, width]`` (True: attend) that shows each slot ``0..positions[s]``."""
         for layer in self.slot_layers:
             layer.write_pos = positions
         return (self._positions[None, :] <= positions[:, None])[:, None, None, :]
+
+
+def decode_logits(model, cache: SlotCache, ids: Tensor, positions: Tensor) -> Tensor:
+    """One decode step of the first ``len(ids)`` slots: token ``ids[s]`` at ``positions[s]``; returns the
+    logits ``[rows, V]`` (the keys/values go into the cache)."""
+    mask = cache.step_inputs(positions)
+    out = model(input_ids=ids[:, None], attention_mask=mask, position_ids=positions[:, None], cache=cache,
+                use_cache=True)  # fmt: skip
+    return out.logits[:, -1, :]
+
+
+def batch_invariant_shapes(model, cache: SlotCache, vocab: int) -> List[int]:
+    """The :func:`decode_shapes` of ``cache.slots`` under which a row's logits are bitwise what it gets
+    in the full step, on this machine's kernels (``slots`` itself always). Probed on ``cache``, a
+    scratch cache: random keys/values, tokens and positions, one full step, then each smaller shape
+    on the same inputs. Accumulation orders do not depend on the data, so agreement on a probe of
+    hundreds of random rows means the shapes agree on any rows."""
+    g = torch.Generator().manual_seed(0)
+    dev, slots = cache._positions.device, cache.slots
+    for layer in cache.slot_layers:
+        layer._k.copy_(torch.randn(layer._k.shape, generator=g).to(layer._k.dtype))
+        layer._v.copy_(torch.randn(layer._v.shape, generator=g).to(layer._v.dtype))
+    ids = torch.randint(vocab, (slots,), generator=g).to(dev)
+    positions = torch.randint(cache.width, (slots,), generator=g).to(dev)
+    with torch.no_grad():
+        full = decode_logits(model, cache, ids, positions)
+        same = lambda rows: torch.equal(decode_logits(model, cache, ids[:rows], positions[:rows]), full[:rows])  # noqa: E731
+        return [rows for rows in decode_shapes(slots) if rows == slots or same(rows)]

@@ -7,7 +7,7 @@ near-tie differently. Hooks only copy a reference while a recording is open; a f
 request asked routing for pays one Python call per MoE layer.
 
 Token order: a gate sees its input flattened batch-major (``[rows * seq, hidden]``), so a prefill
-(``[1, P]``) gives ``[P, k]`` per layer and a decode step (``[slots, 1]``) gives ``[slots, k]``.
+(``[1, P]``) gives ``[P, k]`` per layer and a decode step (``[rows, 1]``) gives ``[rows, k]``.
 """
 
 from __future__ import annotations

@@ -2,15 +2,17 @@
 
 Newly admitted requests are prefilled together, up to ``PREFILL_ROWS`` prompts of one padded width
 per forward (a prompt's keys/values are copied into its ``n`` slots and its last logits give each
-row's first token), and join the next decode step. Each decode step is one forward pass over all
-``slots`` rows of the :class:`SlotCache` (``[slots, 1]`` tokens, each row its last sampled token). A
-finished row frees its slot at once; an aborted request leaves at the next step boundary with the
-tokens it has.
+row's first token), and join the next decode step. Each decode step is one forward pass over the
+first ``rows`` slots of the :class:`SlotCache` (``[rows, 1]`` tokens, each row its last sampled token),
+``rows`` the smallest batch-invariant decode shape that covers the highest busy slot; requests take
+the lowest free slots, so a step over a few requests stays small. A finished row frees its slot at
+once; an aborted request leaves at the next step boundary with the tokens it has.
 
 Reproducibility: a request owns a ``torch.Generator`` seeded with its seed and draws ``n`` uniforms at
 its prefill and at each of its decode steps (one per row, finished rows included, so the stream
-depends only on the step count). The prefill and the decode step run in shapes fixed by the
-request's own prompt length and the engine, and the sampler is row-wise (see ``embedded_cache``). So
+depends only on the step count). The prefill runs in a shape fixed by the request's own prompt
+length, the decode step in shapes checked at start-up to give every row the same bits, and the
+sampler is row-wise (see ``embedded_cache``). So
 a request's completions depend on its prompt, parameters, seed and the weights, never on which other
 requests share the batch or when they arrived.
 
@@ -95,7 +97,10 @@ class Scheduler:
         self.loading = 0  # weight loads waiting or running: admission stops
         self.forwards = 0  # decode steps run (tests count them)
         self.prefills = 0  # prefill forwards run (each up to PREFILL_ROWS prompts)
+        self.rows_decoded = 0  # rows computed by the decode steps (busy or idle)
+        self.rows_busy = 0  # of those, rows of a running request
         self._cache: Any = None
+        self._shapes: List[int] = [slots]  # decode row counts, ascending (set with the cache)
         self._recorder: Any = None
         self._thread: Optional[threading.Thread] = None
 
@@ -189,9 +194,10 @@ class Scheduler:
         from dapo_megatron.rollout.embedded_cache import PREFILL_ROWS
 
         slots = [[s for s in req.slots if s is not None] for req in reqs]
-        with self.model_lock, self._record(any(r.params.return_routed_experts for r in reqs)) as routes:
-            cache = self._slot_cache()
-            logits = cache.prefill(self.engine.model, [r.prompt for r in reqs], slots, pad_id=self.engine.pad_id)
+        with self.model_lock:
+            cache = self._slot_cache()  # outside the recorder: its shape probe must record no routes
+            with self._record(any(r.params.return_routed_experts for r in reqs)) as routes:
+                logits = cache.prefill(self.engine.model, [r.prompt for r in reqs], slots, pad_id=self.engine.pad_id)
             self.prefills += 1
         # Routes come flattened over the pass's [PREFILL_ROWS, W] tokens: prompt i owns row i's first len_i.
         rows = routes[0].unflatten(0, (PREFILL_ROWS, -1)) if routes else None
@@ -212,8 +218,11 @@ class Scheduler:
             return self._layout()
 
     def _layout(self) -> Tuple[Any, ...]:
-        ids, pos = [self.engine.pad_id] * self.slots, [0] * self.slots
-        temp, top_p, top_k, u = [1.0] * self.slots, [1.0] * self.slots, [-1] * self.slots, [0.0] * self.slots
+        busy = [s for req in self.active for s in req.slots if s is not None]
+        rows = next(n for n in self._shapes if n > max(busy, default=0))
+        self.rows_decoded, self.rows_busy = self.rows_decoded + rows, self.rows_busy + len(busy)
+        ids, pos = [self.engine.pad_id] * rows, [0] * rows
+        temp, top_p, top_k, u = [1.0] * rows, [1.0] * rows, [-1] * rows, [0.0] * rows
         for req in self.active:
             p = req.params
             draws = req.draw()
@@ -228,15 +237,17 @@ class Scheduler:
                 as_t(top_p, torch.float32), as_t(top_k, torch.long), as_t(u, torch.float64))  # fmt: skip
 
     def _forward(self, ids, pos, temp, top_p, top_k, u, *, routes: bool = False) -> Tuple[list, list, Any]:
-        """One forward over every slot, then a draw per slot: (tokens, log-probs) as lists ``[slots]``,
-        and with ``routes`` the ``[slots, layers, k]`` expert ids of the tokens fed (else None)."""
-        with self.model_lock, self._record(routes) as recorded:
+        """One forward over the first ``rows = len(ids)`` slots, then a draw per slot: (tokens, log-probs)
+        as lists ``[rows]``, and with ``routes`` the ``[rows, layers, k]`` expert ids of the tokens fed
+        (else None)."""
+        from dapo_megatron.rollout.embedded_cache import decode_logits
+
+        with self.model_lock:
             cache = self._slot_cache()
-            mask = cache.step_inputs(pos)
-            out = self.engine.model(input_ids=ids[:, None], attention_mask=mask, position_ids=pos[:, None],
-                                    cache=cache, use_cache=True)  # fmt: skip
+            with self._record(routes) as recorded:
+                logits = decode_logits(self.engine.model, cache, ids, pos)
             self.forwards += 1
-        logp = torch.log_softmax(out.logits[:, -1, :].float() / temp[:, None], dim=-1)
+        logp = torch.log_softmax(logits.float() / temp[:, None], dim=-1)
         tokens = sample_rows(logp, top_p, top_k, u)
         chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
         return tokens.tolist(), chosen.tolist(), (recorded[0] if recorded else None)
@@ -252,15 +263,19 @@ class Scheduler:
         return self._recorder.record(enabled)
 
     def _slot_cache(self) -> Any:
+        """The KV cache, built on first use together with the decode shapes it may run in (probed on
+        a scratch cache of the same shape, freed after)."""
         if self._cache is None:
-            from dapo_megatron.rollout.embedded_cache import SlotCache
+            from dapo_megatron.rollout.embedded_cache import SlotCache, batch_invariant_shapes
 
             c = self.engine.config
             heads = c.num_attention_heads
             kv_heads = getattr(c, "num_key_value_heads", None) or heads
             head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-            self._cache = SlotCache(c.num_hidden_layers, self.slots, kv_heads, self.width, head_dim,
-                                    self.engine.dtype, self.engine.device)  # fmt: skip
+            make = lambda: SlotCache(c.num_hidden_layers, self.slots, kv_heads, self.width, head_dim,  # noqa: E731
+                                     self.engine.dtype, self.engine.device)  # fmt: skip
+            self._shapes = batch_invariant_shapes(self.engine.model, make(), c.vocab_size)
+            self._cache = make()
         return self._cache
 
     def _apply(self, stepped: List[Request], out: Tuple[list, list, Any]) -> None:
