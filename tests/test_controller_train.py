@@ -67,6 +67,19 @@ def test_first_step_is_on_policy(tiny_run):
     assert first["actor/clip_frac_high"] == 0 and first["actor/clip_frac_low"] == 0
 
 
+def test_rollout_logprobs_as_pi_old_still_check_the_weights_at_the_first_step(assets, tmp_path):
+    """``algo.use_rollout_logprobs``: step 1 recomputes pi_old anyway (the weight check needs the gap,
+    and it is on-policy); step 2 trusts the engine's log-probs and runs no log-prob pass."""
+    run = tmp_path / "run"
+    _train(assets, run, "train.total_steps=2", "train.ppo_mini_batch_size=4", "run.eval_every=0",
+           "algo.use_rollout_logprobs=true")  # fmt: skip
+    first, second = read_metrics(str(run))
+    assert (first["step"], second["step"]) == (1, 2)
+    assert first["rollout/logprob_gap_max"] <= 1e-4 and abs(first["actor/approx_kl"]) <= 1e-6
+    assert "rollout/logprob_gap_mean" not in second
+    assert second["time/logprob_s"] < 0.1 * first["time/logprob_s"]
+
+
 def test_run_dir_has_config_checkpoints_and_the_weights_changed(tiny_run, assets, tmp_path):
     assert (tiny_run / "config.yaml").read_text().count("total_steps: 3") == 1
     ckpts = sorted(p.name for p in (tiny_run / "checkpoints").iterdir() if p.name.startswith("step_"))

@@ -55,7 +55,7 @@ def train(cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = No
                 groups, stats = collect_groups(s, step)  # 1-2: streaming rollout, dynamic sampling, reward + overlong
             batch = make_batch(s, groups)  # 3: group-relative advantages; each DP replica gets its rows
             with timer("logprob"):
-                stats.update(old_logprobs(s, batch))  # 4-5: old log-probs (or bypass), TIS mismatch
+                stats.update(old_logprobs(s, batch, first=step == s.start_step + 1))  # 4-5: old log-probs, gap
             if step == s.start_step + 1:
                 check_weights_arrived(s, stats)
             with timer("train"):
@@ -131,11 +131,16 @@ def make_batch(s: TrainingSession, groups: Optional[List[Group]]) -> StepShard:
     return s.actor.dispatch(batch)
 
 
-def old_logprobs(s: TrainingSession, shard: StepShard) -> Dict[str, float]:
-    """Recompute pi_old on each rank's own rows (unless ``algo.use_rollout_logprobs``) and measure its
-    gap to the engine's log-probs; only those scalars are reduced over the ranks. TIS itself is
-    applied inside the actor's loss when ``algo.tis.enable``."""
-    if s.cfg.algo.use_rollout_logprobs:
+def old_logprobs(s: TrainingSession, shard: StepShard, *, first: bool = False) -> Dict[str, float]:
+    """Recompute pi_old on each rank's own rows and measure its gap to the engine's log-probs; only
+    those scalars are reduced over the ranks. TIS itself is applied inside the actor's loss when
+    ``algo.tis.enable``.
+
+    With ``algo.use_rollout_logprobs`` the engine's log-probs are pi_old and nothing is recomputed,
+    except at the ``first`` step of a run or resume: that step still recomputes (and trains on the
+    recomputation), because :func:`check_weights_arrived` needs the gap to tell whether the synced
+    weights reached the engines. Later steps trust the engines that passed it."""
+    if s.cfg.algo.use_rollout_logprobs and not first:
         return {}
     from megatron.core import parallel_state as ps
 
