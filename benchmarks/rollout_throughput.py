@@ -70,6 +70,11 @@ async def measure(engine, *, concurrency: int, requests: int, n: int, prompt_len
     return len(lengths) / elapsed, sum(lengths) / elapsed, sum(lengths) / len(lengths)
 
 
+def print_fill(engine) -> None:
+    """The embedded engine's decode fill over the whole run: running rows per row computed."""
+    print(f"embedded decode fill (running rows / rows computed, all levels): {engine.decode_fill:.2f}")
+
+
 def run_all(engine, levels, args) -> dict:
     """Every concurrency level on one event loop (the SGLang adapter's HTTP client belongs to it)."""
 
@@ -103,7 +108,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp))
-        embedded = run_all(EmbeddedEngine.from_pretrained(model, max_batch_rows=args.slots), args.levels, args)
+        emb = EmbeddedEngine.from_pretrained(model, max_batch_rows=args.slots)
+        embedded = run_all(emb, args.levels, args)
+        print_fill(emb)
         sglang = None
         if args.sglang_python:
             opts = ServerOptions(model, device="cpu", api_key="bench", max_total_tokens=16384)

@@ -102,6 +102,20 @@ def test_a_step_computes_only_the_slots_up_to_the_highest_busy_one():
     assert sched.forwards == 5 and sched.rows_decoded == 5 * sched._shapes[0] and sched.rows_busy == 10
 
 
+def test_a_late_request_moves_down_when_the_slots_below_it_free_and_keeps_its_bits():
+    late = ([9, 10, 11], SamplingParams(n=4, temperature=0.9, max_new_tokens=14, seed=7))
+    alone = engine(slots=32).generate_sync([late[0]], late[1])[0]
+    eng = engine(slots=32)
+    early = ([5, 6, 7, 8], SamplingParams(n=24, max_new_tokens=4, seed=3))  # slots 0-23, done in 3 steps
+    mixed = asyncio.run(gather_requests(eng, [early, late]))[1]  # the late one starts in slots 24-27
+    assert [c.token_ids for c in mixed] == [c.token_ids for c in alone]
+    assert [c.logprobs for c in mixed] == [c.logprobs for c in alone]
+    sched = eng._sched
+    small = sched._shapes[0]  # 8 where the kernels allow it (32 otherwise: then nothing moves)
+    # Full steps only while the early request runs (a few steps, plus one if the late one joins a step later).
+    assert 13 <= sched.forwards <= 14 and sched.rows_decoded <= small * sched.forwards + (32 - small) * 5
+
+
 def test_the_shape_probe_keeps_only_shapes_that_give_every_row_the_same_bits():
     from dapo_megatron.rollout.embedded_cache import SlotCache, batch_invariant_shapes
 

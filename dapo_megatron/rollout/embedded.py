@@ -175,6 +175,12 @@ class EmbeddedEngine:
         return self._sched.forwards
 
     @property
+    def decode_fill(self) -> float:
+        """Running rows over rows computed, over every decode step so far (1.0: no idle slot was
+        computed; 0.0 before the first step)."""
+        return self._sched.rows_busy / self._sched.rows_decoded if self._sched.rows_decoded else 0.0
+
+    @property
     def prefill_passes(self) -> int:
         """Prefill forwards (each up to ``embedded_cache.PREFILL_ROWS`` prompts) run so far."""
         return self._sched.prefills

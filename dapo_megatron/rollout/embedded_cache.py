@@ -4,7 +4,8 @@ Every decode step runs the model on ``input_ids [rows, 1]`` for the first ``rows
 slot; a free slot feeds a pad token at position 0), each layer writes the new key/value of slot ``s``
 at ``write_pos[s]`` and attends over all ``width`` positions with a mask that lets slot ``s`` see
 positions ``0..write_pos[s]``. ``rows`` is one of a few fixed decode shapes (:func:`decode_shapes`):
-the smallest that covers every busy slot, so a step over a few requests does not pay for all slots.
+the smallest that holds every running row (the scheduler moves rows down into free slots, ``move``),
+so a step over a few requests does not pay for all slots.
 
 Prompts are prefilled up to :data:`PREFILL_ROWS` at a time, right-padded to a width fixed by their
 length (:func:`prefill_width`).
@@ -133,6 +134,14 @@ class SlotCache(Cache):
             for i, n in enumerate(lengths):
                 layer.load(rows[i], src.keys[i : i + 1, :, :n], src.values[i : i + 1, :, :n])
         return torch.stack([logits[i, i] for i in range(len(prompts))])
+
+    def move(self, src: List[int], dst: List[int]) -> None:
+        """Copy the keys/values of slots ``src`` into slots ``dst``, pairwise, in every layer (the two
+        lists share no slot)."""
+        s, d = (torch.tensor(x, dtype=torch.long, device=self._positions.device) for x in (src, dst))
+        for layer in self.slot_layers:
+            layer._k[d] = layer._k[s]
+            layer._v[d] = layer._v[s]
 
     def step_inputs(self, positions: Tensor) -> Tensor:
         """Point every layer's writes at ``positions`` ``[rows]`` (the first ``rows`` slots); the boolean

@@ -4,8 +4,8 @@ Newly admitted requests are prefilled together, up to ``PREFILL_ROWS`` prompts o
 per forward (a prompt's keys/values are copied into its ``n`` slots and its last logits give each
 row's first token), and join the next decode step. Each decode step is one forward pass over the
 first ``rows`` slots of the :class:`SlotCache` (``[rows, 1]`` tokens, each row its last sampled token),
-``rows`` the smallest batch-invariant decode shape that covers the highest busy slot; requests take
-the lowest free slots, so a step over a few requests stays small. A finished row frees its slot at
+``rows`` the smallest batch-invariant decode shape that holds every running row (rows past it move
+down first: ``_compact``), so a step over a few requests stays small. A finished row frees its slot at
 once; an aborted request leaves at the next step boundary with the tokens it has.
 
 Reproducibility: a request owns a ``torch.Generator`` seeded with its seed and draws ``n`` uniforms at
@@ -217,10 +217,28 @@ class Scheduler:
                 return None
             return self._layout()
 
-    def _layout(self) -> Tuple[Any, ...]:
-        busy = [s for req in self.active for s in req.slots if s is not None]
-        rows = next(n for n in self._shapes if n > max(busy, default=0))
+    def _compact(self) -> int:
+        """The step's row count: the smallest decode shape that holds every running row. Rows in slots
+        at or past it move (keys/values copied) into the free slots below it first, so requests that
+        finished low in the cache do not leave a late one paying for the whole batch. A row's numerics
+        do not depend on its slot, so a move changes no bits."""
+        busy = [(req, j, s) for req in self.active for j, s in enumerate(req.slots) if s is not None]
+        rows = next(n for n in self._shapes if n >= len(busy))
+        movers = [(req, j, s) for req, j, s in busy if s >= rows]
+        if movers and self._cache is not None:
+            targets = sorted(t for t in self.free if t < rows)[: len(movers)]
+            self._cache.move([s for _, _, s in movers], targets)
+            for (req, j, _), t in zip(movers, targets):
+                req.slots[j] = t
+            taken = set(targets)
+            self.free = [f for f in self.free if f not in taken] + [s for _, _, s in movers]
+        elif movers:
+            rows = self.slots
         self.rows_decoded, self.rows_busy = self.rows_decoded + rows, self.rows_busy + len(busy)
+        return rows
+
+    def _layout(self) -> Tuple[Any, ...]:
+        rows = self._compact()
         ids, pos = [self.engine.pad_id] * rows, [0] * rows
         temp, top_p, top_k, u = [1.0] * rows, [1.0] * rows, [-1] * rows, [0.0] * rows
         for req in self.active:
