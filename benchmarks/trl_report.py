@@ -16,7 +16,7 @@ PHASES = ("generate", "logprob", "train")
 """The phases both systems report; the rest of a step (weight sync, reward scoring) is in the wall time."""
 
 # The top-level phases of a step, disjoint: what the wall time between two lines holds besides an eval.
-_STEP_PHASES = ("generate", "logprob", "train", "sync", "score")
+_STEP_PHASES = ("generate", "logprob", "train", "sync", "score", "heap_trim")
 
 
 def _mean(values: Sequence[float]) -> float:

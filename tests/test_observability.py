@@ -157,7 +157,7 @@ def test_phase_timer_real_clock():
 
 def test_metric_names_are_the_agreed_keys():
     assert M.TIME_KEYS == ("time/generate_s", "time/reward_s", "time/logprob_s", "time/train_s", "time/sync_s")
-    assert len(set(M.ALL_KEYS)) == len(M.ALL_KEYS) == 18
+    assert len(set(M.ALL_KEYS)) == len(M.ALL_KEYS) == 19
     assert all(k.count("/") == 1 for k in M.ALL_KEYS)
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from dapo_megatron.config import Config
 from dapo_megatron.controller.batch import build_train_batch, reward_metrics
 from dapo_megatron.controller.evaluate import eval_sampling, evaluate
+from dapo_megatron.controller.heap import release_free_heap
 from dapo_megatron.controller.run_dir import RunLock
 from dapo_megatron.controller.session import TrainingSession, metrics_of
 from dapo_megatron.controller.weight_sync import push_weights
@@ -64,6 +65,8 @@ def train(cfg: Config, *, console: bool = True, run_lock: Optional[RunLock] = No
                 stats.update(sync_engines(s, version=step))  # 7
             if _due(step, cfg.run.eval_every, cfg.train.total_steps):
                 stats.update(run_eval(s, step))  # 10
+            with timer("heap_trim"):  # M.TIME_HEAP_TRIM
+                release_free_heap()  # the step's freed pages back to the OS (see controller/heap.py)
             last = log_step(s, step, {**stats, **timer.metrics()})  # 8 (after eval, so eval joins the line)
             if _due(step, cfg.run.save_every, cfg.train.total_steps):
                 save_step(s, step)  # 9: last, see train()'s docstring

@@ -73,6 +73,7 @@ TIME_LOGPROB = time_key("logprob")
 TIME_TRAIN = time_key("train")
 TIME_SYNC = time_key("sync")
 TIME_KEYS = tuple(time_key(p) for p in PHASES)
+TIME_HEAP_TRIM = time_key("heap_trim")  # returning the step's free heap pages to the OS (controller/heap.py)
 
 ALL_KEYS = (
     REWARD_MEAN,
@@ -88,6 +89,7 @@ ALL_KEYS = (
     ACTOR_APPROX_KL,
     ACTOR_GRAD_NORM,
     *TIME_KEYS,
+    TIME_HEAP_TRIM,
     EVAL_ACC,
 )
 
