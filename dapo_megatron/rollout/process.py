@@ -7,6 +7,7 @@ bounded wait), never by name, so nothing else on the machine is touched.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import time
@@ -14,11 +15,32 @@ from typing import Optional, Sequence
 
 import httpx
 
+_PORTS = (10000, 20000)  # where servers listen: below Linux's ephemeral range (32768+ by default)
+
+
+def _can_bind(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now (bind to port 0). Another process may still take it
-    before we bind it; callers start the server promptly and fail loudly if it cannot bind."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A random port in 10000-19999 that is free right now.
+
+    Why not port 0: the OS then hands out a port of its ephemeral range, the range it also draws the
+    source port of every outgoing connection from. A SGLang server binds its port only after loading
+    its model (tens of seconds on CPU), and in that window any connection on the machine could take it
+    ("address already in use"; seen in CI). Below the ephemeral range only an explicit bind can
+    collide. Callers still fail loudly if the bind fails."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*_PORTS)
+        if _can_bind(host, port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # all taken: any free port at all
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
