@@ -32,8 +32,7 @@ def step_fn(engine, rows: int, width: int):
     from dapo_megatron.rollout.embedded_sampling import sample_rows
 
     c = engine.config
-    cache = SlotCache(c.num_hidden_layers, rows, c.num_key_value_heads, width, c.hidden_size // c.num_attention_heads,
-                      torch.float32, "cpu")  # fmt: skip
+    cache = SlotCache.for_config(c, rows, width, torch.float32, "cpu")
     g = torch.Generator().manual_seed(0)
     ids, pos = torch.randint(c.vocab_size, (rows,), generator=g), torch.randint(width, (rows,), generator=g)
     top_p, top_k, u = torch.full((rows,), 0.7), torch.full((rows,), -1), torch.rand(rows, dtype=torch.float64)

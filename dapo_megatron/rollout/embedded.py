@@ -8,8 +8,8 @@ untruncated distribution (``embedded_sampling``).
 
 Continuous batching (``embedded_sched``): one decode thread runs every request in flight together,
 one forward pass per step over a preallocated KV cache of ``max_batch_rows`` slots by ``max_seq_len``
-positions (``embedded_cache``), computing only the slots up to the highest busy one (rounded up to
-one of a few decode shapes); new requests are prefilled together and join at the next step, finished
+positions (``embedded_cache``), computing only the smallest of a few decode shapes that holds every
+running row (rows move down into freed slots); new requests are prefilled together and join at the next step, finished
 rows leave at once, an abort ends a request at the next step boundary with the tokens it has
 (``finish_reason="abort"``).
 The decode shapes are the ones a start-up probe found to give every row the same bits, so a
@@ -86,8 +86,8 @@ class EmbeddedEngine:
         seed: initialises the random weights (before any update) and the default sampling seeds.
         device: torch device for the model.
         state_dict: optional HF-named initial weights (otherwise random init from ``seed``).
-        max_batch_rows: KV-cache slots, the rows decoded together (a step computes those up to the
-            highest busy one);
+        max_batch_rows: KV-cache slots, the rows decoded together (a step computes the smallest decode
+            shape that holds the running rows);
             None: 256, fewer for models over ~0.5 M parameters. A request needs ``n`` free slots.
         max_seq_len: positions per slot (prompt + response); None: ``max_position_embeddings`` capped
             at 4096. A longer prompt is refused; a response reaching it ends with ``"length"``.

@@ -103,6 +103,14 @@ class SlotCache(Cache):
         self.slots, self.width = slots, width
         self._positions = torch.arange(width, device=device)
 
+    @classmethod
+    def for_config(cls, config, slots: int, width: int, dtype, device) -> SlotCache:
+        """A cache for an HF model ``config``: its layers, KV heads and head size."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, slots, kv_heads, width, head_dim, dtype, device)
+
     def prefill(self, model, prompts: List[List[int]], slots: List[List[int]], *, pad_id: int) -> Tensor:
         """Run ``model`` once on up to :data:`PREFILL_ROWS` prompts of one :func:`prefill_width` ``W``, as
         ``[PREFILL_ROWS, W]`` right-padded ids (empty rows are all padding), and copy prompt ``i``'s

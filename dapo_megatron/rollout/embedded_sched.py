@@ -225,15 +225,13 @@ class Scheduler:
         busy = [(req, j, s) for req in self.active for j, s in enumerate(req.slots) if s is not None]
         rows = next(n for n in self._shapes if n >= len(busy))
         movers = [(req, j, s) for req, j, s in busy if s >= rows]
-        if movers and self._cache is not None:
+        if movers:  # only once the shapes were probed, which built the cache (before that: [slots])
             targets = sorted(t for t in self.free if t < rows)[: len(movers)]
             self._cache.move([s for _, _, s in movers], targets)
             for (req, j, _), t in zip(movers, targets):
                 req.slots[j] = t
             taken = set(targets)
             self.free = [f for f in self.free if f not in taken] + [s for _, _, s in movers]
-        elif movers:
-            rows = self.slots
         self.rows_decoded, self.rows_busy = self.rows_decoded + rows, self.rows_busy + len(busy)
         return rows
 
@@ -286,13 +284,9 @@ class Scheduler:
         if self._cache is None:
             from dapo_megatron.rollout.embedded_cache import SlotCache, batch_invariant_shapes
 
-            c = self.engine.config
-            heads = c.num_attention_heads
-            kv_heads = getattr(c, "num_key_value_heads", None) or heads
-            head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-            make = lambda: SlotCache(c.num_hidden_layers, self.slots, kv_heads, self.width, head_dim,  # noqa: E731
-                                     self.engine.dtype, self.engine.device)  # fmt: skip
-            self._shapes = batch_invariant_shapes(self.engine.model, make(), c.vocab_size)
+            e = self.engine
+            make = lambda: SlotCache.for_config(e.config, self.slots, self.width, e.dtype, e.device)  # noqa: E731
+            self._shapes = batch_invariant_shapes(e.model, make(), e.config.vocab_size)
             self._cache = make()
         return self._cache
 
