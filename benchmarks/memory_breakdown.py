@@ -15,6 +15,8 @@ with the largest summed PSS it reports each process's PSS by kind of mapping:
 * ``other files``: the interpreter and other mapped files.
 
 PSS splits a shared page among the processes that map it, so the rows add up to the tree's total.
+For this project's run it also places each step's peak in the step (from ``metrics.jsonl``): the
+floor between steps, the peak within them, and how many steps peak in the train phase.
 Also printed: the state this project cannot do without, from the model and the config: parameters,
 gradients and Adam's two moments in the trainer, the engine's copy of the weights and its KV cache.
 """
@@ -24,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
@@ -97,6 +101,7 @@ class PeakSampler:
         self.pid, self.interval = pid, interval
         self.peak: Dict[Tuple[int, str], Counter] = {}
         self.peak_total = 0
+        self.samples: List[Tuple[float, int]] = []  # (time.time(), the tree's PSS in bytes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -104,6 +109,7 @@ class PeakSampler:
         while not self._stop.is_set():
             snap = {(p, name): process_pss(p) for p, name in tree(self.pid)}
             total = sum(sum(c.values()) for c in snap.values())
+            self.samples.append((time.time(), total))
             if total > self.peak_total:
                 self.peak, self.peak_total = snap, total
             self._stop.wait(self.interval)
@@ -144,6 +150,34 @@ def required_state(paths: Dict[str, str], config: str, overrides: List[str]) -> 
     return {"trainer: params + grads + Adam": 4 * weights, "engine: weights": weights, "engine: KV cache": cache}
 
 
+def peak_phases(samples: List[Tuple[float, int]], steps: List[Dict[str, float]]) -> Dict[str, float]:
+    """Where in its step each training step peaks.
+
+    ``samples``: ``(wall time, PSS bytes)`` in time order; ``steps``: ``metrics.jsonl`` records, each
+    logged at its step's end (``wall_time``) with its phases' seconds. A step spans from the record
+    before it to its own; its train phase is the last ``time/train_s + time/sync_s +
+    time/heap_trim_s`` seconds of it. Returns MiB: the median and the highest of the steps' lowest
+    sample (``floor_*``), the median and highest of their peaks (``peak_*``), and ``steps`` /
+    ``peaks_in_train``: the steps with samples, and how many of them peak in the train phase.
+    """
+    floors, peaks, in_train = [], [], 0
+    for before, step in zip(steps, steps[1:]):
+        inside = [(t, pss) for t, pss in samples if before["wall_time"] < t <= step["wall_time"]]
+        if not inside:
+            continue
+        t_peak, peak = max(inside, key=lambda s: s[1])
+        train_s = sum(step.get(k, 0.0) for k in ("time/train_s", "time/sync_s", "time/heap_trim_s"))
+        in_train += step["wall_time"] - t_peak <= train_s
+        floors.append(min(pss for _, pss in inside))
+        peaks.append(peak)
+    mib = 2**20
+    if not peaks:
+        return {"steps": 0, "peaks_in_train": 0}
+    return {"floor_median": statistics.median(floors) / mib, "floor_max": max(floors) / mib,
+            "peak_median": statistics.median(peaks) / mib, "peak_max": max(peaks) / mib,
+            "steps": len(peaks), "peaks_in_train": in_train}  # fmt: skip
+
+
 def table(name: str, sampler: PeakSampler) -> str:
     mib = 2**20
     rows = [f"### {name}: peak PSS {sampler.peak_total / mib:.0f} MiB (whole tree)", "",
@@ -152,6 +186,18 @@ def table(name: str, sampler: PeakSampler) -> str:
         cells = " | ".join(f"{kinds[k] / mib:.0f}" for k in KINDS)
         rows.append(f"| {pid} `{cmd}` | {cells} | {sum(kinds.values()) / mib:.0f} |")
     return "\n".join(rows) + "\n"
+
+
+def phase_line(sampler: PeakSampler, metrics: str) -> str:
+    steps = [r for r in vs_trl.read_lines(metrics) if "wall_time" in r]
+    ph = peak_phases(sampler.samples, steps)
+    if not ph["steps"]:
+        return "(no step had a sample: lower --interval)\n"
+    return (
+        f"Per step, MiB: floor median {ph['floor_median']:.0f} (max {ph['floor_max']:.0f}), peak median "
+        f"{ph['peak_median']:.0f} (max {ph['peak_max']:.0f}); {ph['peaks_in_train']} of {ph['steps']} "
+        "steps peak in their train phase.\n"
+    )
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -175,7 +221,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.side in ("ours", "both"):
         run_dir = os.path.join(args.out, "memory_ours")
         cmd = vs_trl.ours_command(paths, run_dir, run_args)
-        out.append(table("this project", run_sampled(cmd, os.path.join(args.out, "memory_ours.log"), args.interval)))
+        sampler = run_sampled(cmd, os.path.join(args.out, "memory_ours.log"), args.interval)
+        out.append(table("this project", sampler))
+        out.append(phase_line(sampler, os.path.join(run_dir, "metrics.jsonl")))
         state = required_state(paths, args.config, args.overrides)
         out += [f"- {k}: {v / 2**20:.1f} MiB" for k, v in state.items()] + [""]
     if args.side in ("trl", "both"):

@@ -192,3 +192,19 @@ def test_report_only_mixes_a_finished_side_and_one_stopped_early(tmp_path, capsy
     assert rows["wall time to held-out >= threshold"][1] == "24.0 s (step 4)"
     assert rows["held-out acc @ 0 / 2 / 4"] == ["0.500 / 0.700 / n/a", "0.500 / 0.700 / 0.920", ""]
     assert "stopped early (figures so far): ours" in text and "load average 1.00 before, 2.00 after" in text
+
+
+def test_memory_breakdown_places_each_steps_peak_in_its_phase():
+    """Two steps ending at t=10 and t=20 (train phase: their last 3 s). Step 1 peaks at t=8
+    (2 s before its end: train), step 2 at t=12 (8 s before its end: generation)."""
+    mb = _load("memory_breakdown")
+    mib = 2**20
+    phases = {"time/train_s": 2.5, "time/sync_s": 0.4, "time/heap_trim_s": 0.1}
+    steps = [{"step": 0, "wall_time": 0.0}, {"step": 1, "wall_time": 10.0, **phases},
+             {"step": 2, "wall_time": 20.0, **phases}]  # fmt: skip
+    samples = [(1.0, 500 * mib), (8.0, 700 * mib), (9.5, 510 * mib),  # step 1
+               (12.0, 650 * mib), (15.0, 520 * mib), (19.0, 600 * mib), (25.0, 900 * mib)]  # fmt: skip
+    ph = mb.peak_phases(samples, steps)
+    assert ph == {"floor_median": 510.0, "floor_max": 520.0, "peak_median": 675.0, "peak_max": 700.0,
+                  "steps": 2, "peaks_in_train": 1}  # fmt: skip
+    assert mb.peak_phases([(30.0, mib)], steps) == {"steps": 0, "peaks_in_train": 0}
