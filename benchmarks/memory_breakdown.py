@@ -155,10 +155,12 @@ def peak_phases(samples: List[Tuple[float, int]], steps: List[Dict[str, float]])
 
     ``samples``: ``(wall time, PSS bytes)`` in time order; ``steps``: ``metrics.jsonl`` records, each
     logged at its step's end (``wall_time``) with its phases' seconds. A step spans from the record
-    before it to its own; its train phase is the last ``time/train_s + time/sync_s +
-    time/heap_trim_s`` seconds of it. Returns MiB: the median and the highest of the steps' lowest
-    sample (``floor_*``), the median and highest of their peaks (``peak_*``), and ``steps`` /
-    ``peaks_in_train``: the steps with samples, and how many of them peak in the train phase.
+    before it to its own; the loop's order within it is generate, old log-probs, train, sync, the
+    evaluation (on some steps), the heap trim, so its train phase is the ``time/train_s`` seconds that
+    end ``time/sync_s + time/eval_s + time/heap_trim_s`` before the step's end. Returns MiB: the
+    median and the highest of the steps' lowest sample (``floor_*``), the median and highest of their
+    peaks (``peak_*``), and ``steps`` / ``peaks_in_train``: the steps with samples, and how many of
+    them peak in the train phase.
     """
     floors, peaks, in_train = [], [], 0
     for before, step in zip(steps, steps[1:]):
@@ -166,8 +168,8 @@ def peak_phases(samples: List[Tuple[float, int]], steps: List[Dict[str, float]])
         if not inside:
             continue
         t_peak, peak = max(inside, key=lambda s: s[1])
-        train_s = sum(step.get(k, 0.0) for k in ("time/train_s", "time/sync_s", "time/heap_trim_s"))
-        in_train += step["wall_time"] - t_peak <= train_s
+        after = sum(step.get(k, 0.0) for k in ("time/sync_s", "time/eval_s", "time/heap_trim_s"))
+        in_train += after <= step["wall_time"] - t_peak <= after + step.get("time/train_s", 0.0)
         floors.append(min(pss for _, pss in inside))
         peaks.append(peak)
     mib = 2**20

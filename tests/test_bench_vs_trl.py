@@ -195,16 +195,22 @@ def test_report_only_mixes_a_finished_side_and_one_stopped_early(tmp_path, capsy
 
 
 def test_memory_breakdown_places_each_steps_peak_in_its_phase():
-    """Two steps ending at t=10 and t=20 (train phase: their last 3 s). Step 1 peaks at t=8
-    (2 s before its end: train), step 2 at t=12 (8 s before its end: generation)."""
+    """Three steps ending at t=10, 20, 30. The train phase ends sync + eval + trim seconds before a
+    step's end: steps 1-2 train in [end-3, end-0.5], step 3 (with a 5 s evaluation) in [22, 24.5].
+    Peaks: step 1 at t=8 (train), step 2 at t=12 (generation), step 3 at t=23 (train; t=28 would be
+    its evaluation)."""
     mb = _load("memory_breakdown")
     mib = 2**20
     phases = {"time/train_s": 2.5, "time/sync_s": 0.4, "time/heap_trim_s": 0.1}
     steps = [{"step": 0, "wall_time": 0.0}, {"step": 1, "wall_time": 10.0, **phases},
-             {"step": 2, "wall_time": 20.0, **phases}]  # fmt: skip
+             {"step": 2, "wall_time": 20.0, **phases},
+             {"step": 3, "wall_time": 30.0, "time/eval_s": 5.0, **phases}]  # fmt: skip
     samples = [(1.0, 500 * mib), (8.0, 700 * mib), (9.5, 510 * mib),  # step 1
-               (12.0, 650 * mib), (15.0, 520 * mib), (19.0, 600 * mib), (25.0, 900 * mib)]  # fmt: skip
+               (12.0, 650 * mib), (15.0, 520 * mib), (19.0, 600 * mib),  # step 2
+               (21.0, 505 * mib), (23.0, 640 * mib), (28.0, 560 * mib), (35.0, 900 * mib)]  # fmt: skip
     ph = mb.peak_phases(samples, steps)
-    assert ph == {"floor_median": 510.0, "floor_max": 520.0, "peak_median": 675.0, "peak_max": 700.0,
-                  "steps": 2, "peaks_in_train": 1}  # fmt: skip
-    assert mb.peak_phases([(30.0, mib)], steps) == {"steps": 0, "peaks_in_train": 0}
+    assert ph == {"floor_median": 505.0, "floor_max": 520.0, "peak_median": 650.0, "peak_max": 700.0,
+                  "steps": 3, "peaks_in_train": 2}  # fmt: skip
+    late = [(t + 5.0 if t == 23.0 else t, pss) for t, pss in samples]  # step 3 now peaks in its evaluation
+    assert mb.peak_phases(late, steps)["peaks_in_train"] == 1
+    assert mb.peak_phases([(40.0, mib)], steps) == {"steps": 0, "peaks_in_train": 0}
