@@ -138,15 +138,15 @@ def required_state(paths: Dict[str, str], config: str, overrides: List[str]) -> 
     trainer (parameters, gradients, Adam's two moments), once in the engine, and the engine's KV cache."""
     from dapo_megatron.config_io import load_config
     from dapo_megatron.controller.engines import embedded_shape
+    from dapo_megatron.observability.memory_plan import kv_bytes_per_token, shape_from_hf_config
 
     weights = sum(os.path.getsize(os.path.join(paths["model"], f)) for f in os.listdir(paths["model"])
                   if f.endswith(".safetensors"))  # fmt: skip
     with open(os.path.join(paths["model"], "config.json")) as f:
         hf = json.load(f)
     shape = embedded_shape(load_config(config, overrides))
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-    cache = shape["max_batch_rows"] * shape["max_seq_len"] * hf["num_hidden_layers"] * 2 * kv * head_dim * 4
+    per_token = kv_bytes_per_token(shape_from_hf_config(hf), engine_tp=1, kv_dtype="fp32")
+    cache = shape["max_batch_rows"] * shape["max_seq_len"] * per_token
     return {"trainer: params + grads + Adam": 4 * weights, "engine: weights": weights, "engine: KV cache": cache}
 
 
